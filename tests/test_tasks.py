@@ -1,0 +1,207 @@
+"""Downstream tasks: windows, favourite-genre tie rule, TP serializer budgets, tokenization, Grain batches."""
+
+import numpy as np
+import pytest
+
+from userllm_jax.data import tasks
+
+GENRES = ["<pad>", "<oov>", "Drama", "Comedy", "Action", "Horror"]
+RATINGS = ["<pad>", "<oov>", "1.0", "2.0", "3.0", "4.0", "5.0", "4.5"]
+TITLES = ["", "", "Heat (1995)", "Toy Story (1995)", "Fargo (1996)",
+          "Shawshank Redemption, The (1994)", "Alien (1979)", "Casino (1995)"]
+ITEM_GENRES = np.array([[0, 0], [0, 0], [4, 2], [3, 0], [2, 3], [2, 0], [5, 4], [2, 0]], np.int32)
+
+
+def _catalog(domain="movielens"):
+  return tasks.Catalog(item_titles=TITLES, item_genres=ITEM_GENRES, genre_names=GENRES,
+                       rating_names=RATINGS, domain=domain)
+
+
+def _record(items, ratings=None, reviews=None):
+  items = np.asarray(items, np.int32)
+  n = len(items)
+  return {"item": items, "genre": ITEM_GENRES[items],
+          "rating": np.asarray(ratings if ratings is not None else [5] * n, np.int32),
+          "timestamp": np.arange(n, dtype=np.int64) * 3600 + 10**9,
+          "review": reviews}
+
+
+def test_history_window_protocol():
+  rec = _record([2, 3, 4, 5, 6, 7])
+  h = tasks.history_window(rec, cut=5, window=3)
+  assert int(h["length"]) == 3
+  np.testing.assert_array_equal(h["item"], [4, 5, 6])
+  np.testing.assert_array_equal(h["genre"], ITEM_GENRES[[4, 5, 6]])
+  np.testing.assert_array_equal(h["segment"], [1, 1, 1])
+  np.testing.assert_array_equal(h["position"], [0, 1, 2])
+  assert (h["timegap"] > 0).all()
+  # Shorter history than the window: left-aligned, zero padded.
+  h = tasks.history_window(rec, cut=2, window=4)
+  np.testing.assert_array_equal(h["item"], [2, 3, 0, 0])
+  np.testing.assert_array_equal(h["segment"], [1, 1, 0, 0])
+  np.testing.assert_array_equal(h["rating"], [5, 5, 0, 0])
+  with pytest.raises(ValueError, match="cut=0 outside"):
+    tasks.history_window(rec, cut=0, window=4)
+
+
+def test_favourite_genre_counts_and_recency_ties():
+  # Drama(2) x2, Comedy(3) x2 -> tie; Comedy's last occurrence (row 3) is later -> Comedy.
+  g = np.array([[2, 0], [3, 0], [2, 0], [3, 0]])
+  assert tasks.favourite_genre(g) == 3
+  # Swap the order of the last two rows -> Drama is the most recent -> Drama.
+  assert tasks.favourite_genre(g[[0, 1, 3, 2]]) == 2
+  # Tie whose last occurrences are the same row: the first-listed genre wins.
+  assert tasks.favourite_genre(np.array([[4, 5], [5, 4]])) == 5
+  assert tasks.favourite_genre(np.array([[4, 5], [4, 5]])) == 4
+  # A strict majority beats recency.
+  assert tasks.favourite_genre(np.array([[2, 0], [2, 0], [3, 0]])) == 2
+  # A genre repeated within one event counts once; padding and OOV ignored.
+  assert tasks.favourite_genre(np.array([[4, 4], [5, 1], [5, 0]])) == 5
+  # Only the first `length` rows count.
+  assert tasks.favourite_genre(np.array([[2, 0], [3, 0], [3, 0]]), length=1) == 2
+  assert tasks.favourite_genre(np.zeros((3, 2), np.int32)) == 0
+
+
+def test_examples_targets_and_prompts():
+  cat = _catalog()
+  rec = _record([2, 3, 4, 5, 6], reviews=["a", "b", "c", "d", "Great movie."])
+  ex = tasks.make_example(rec, 7, cut=4, task="next_item", catalog=cat, window=50)
+  assert ex.target == "Alien (1979)" and ex.target_id == 6
+  assert ex.prompt == "Which movie will the user watch next?\n"
+  assert "Heat" not in ex.prompt  # no history in the User-LLM prompt
+  ex = tasks.make_example(rec, 7, cut=4, task="fav_genre", catalog=cat)
+  # history items 2,3,4,5: genres Action,Drama | Comedy | Drama,Comedy | Drama -> Drama (3)
+  assert ex.target == "Drama" and ex.target_id == 2
+  assert ex.prompt == "What is the user's favorite genre?\n"
+  ex = tasks.make_example(rec, 7, cut=4, task="review", catalog=_catalog("amazon"))
+  assert ex.target == "Great movie." and ex.prompt == "Write the user's review of Alien (1979).\n"
+  assert tasks.make_example(_record([2, 3]), 0, 1, "review", cat) is None
+  with pytest.raises(ValueError, match="unknown task"):
+    tasks.make_example(rec, 0, 1, "rating", cat)
+
+
+def test_build_examples_train_and_test_splits():
+  cat = _catalog()
+  data = [_record([2, 3, 4, 5, 6, 7]), _record([2, 3]), _record([7])]
+  test = tasks.build_examples(data, [0, 1, 2], "next_item", cat, split="test", window=3)
+  assert [(e.user_index, e.cut) for e in test] == [(0, 5), (1, 1)]  # user 2 has no history
+  assert test[0].target == "Casino (1995)"
+  train = tasks.build_examples(data, [0], "next_item", cat, split="train", window=3, min_history=2,
+                               stride=2, max_examples_per_user=10)
+  assert [e.cut for e in train] == [5, 3]
+  tr, te = tasks.split_users(10, 3, seed=0)
+  assert len(te) == 3 and len(tr) == 7 and not set(tr) & set(te)
+  assert np.array_equal(te, tasks.split_users(10, 3, seed=0)[1])
+  with pytest.raises(ValueError, match="num_test"):
+    tasks.split_users(3, 3, seed=0)
+
+
+def _sentencepiece_tokenizer(tmp_path):
+  """A real SentencePiece BPE model trained on the titles (stands in for Gemma's)."""
+  import sentencepiece as spm
+  corpus = tmp_path / "corpus.txt"
+  lines = [tasks.format_history_line(tasks.HistoryItem(t, ("Drama", "Comedy"), str(r)))
+           for t in TITLES[2:] for r in range(1, 6)]
+  corpus.write_text("\n".join(lines * 5))
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"),
+                                 vocab_size=120, model_type="bpe", pad_id=0, eos_id=1, bos_id=2,
+                                 unk_id=3, byte_fallback=False, minloglevel=2)
+  proc = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+
+  class SP:
+    pad_id, eos_id, bos_id = 0, 1, 2
+
+    def encode(self, text, add_bos=False):
+      ids = proc.encode(text)
+      return [2] + ids if add_bos else ids
+
+    def decode(self, ids):
+      return proc.decode(list(ids))
+
+  return SP()
+
+
+@pytest.mark.parametrize("tok_kind", ["word", "sentencepiece"])
+def test_serialize_history_budget(tmp_path, tok_kind):
+  items = [tasks.HistoryItem(t, ("Drama",), "4") for t in TITLES[2:]]
+  tok = (tasks.WordTokenizer([tasks.format_history_line(i) for i in items]) if tok_kind == "word"
+         else _sentencepiece_tokenizer(tmp_path))
+  lines = [tasks.format_history_line(i) for i in items]
+  assert lines[3] == "Shawshank Redemption, The (1994) (Drama), rated 4"
+  full = tasks.serialize_history(items, tok, 10_000)
+  assert full.num_items == len(items) and full.text == "\n".join(lines)
+  assert full.num_tokens == len(tok.encode(full.text))
+  for budget in range(0, full.num_tokens + 1):
+    s = tasks.serialize_history(items, tok, budget)
+    assert s.num_tokens <= budget
+    assert s.num_tokens == len(tok.encode(s.text))
+    # whole lines, newest kept, oldest cut
+    assert s.text == "\n".join(lines[len(lines) - s.num_items:]) if s.num_items else s.text == ""
+    # maximal: one more (older) item would not fit
+    if s.num_items < len(items):
+      bigger = "\n".join(lines[len(lines) - s.num_items - 1:])
+      assert len(tok.encode(bigger)) > budget
+  with pytest.raises(ValueError, match="budget_tokens"):
+    tasks.serialize_history(items, tok, -1)
+
+
+def test_format_line_optional_parts():
+  assert tasks.format_history_line(tasks.HistoryItem("X")) == "X"
+  assert tasks.format_history_line(tasks.HistoryItem("X", rating="3")) == "X, rated 3"
+  cat = _catalog()
+  assert cat.rating_text(7) == "4.5" and cat.rating_text(6) == "5" and cat.rating_text(0) is None
+
+
+def test_tp_prompt_and_tokenization():
+  cat = _catalog()
+  rec = _record([2, 3, 4, 5, 6], ratings=[2, 3, 4, 5, 7])
+  ex = tasks.make_example(rec, 0, cut=4, task="next_item", catalog=cat)
+  corpus = TITLES + GENRES + [tasks.TP_HEADER, ex.prompt, "rated 1 2 3 4 4.5 5 (, ) \n"]
+  tok = tasks.WordTokenizer(corpus)
+  prompt, ser = tasks.tp_prompt(ex, cat, tok, budget_tokens=10_000)
+  assert prompt.startswith(tasks.TP_HEADER + "Heat (1995) (Action, Drama), rated 1\n")
+  assert prompt.endswith("Shawshank Redemption, The (1994) (Drama), rated 4\n" + ex.prompt)
+  assert ser.num_items == 4
+  f = tasks.tokenize_example(ex, ex.prompt, tok, max_prompt_tokens=16, max_target_tokens=8)
+  p = [tok.bos_id] + tok.encode(ex.prompt)
+  t = tok.encode(ex.target) + [tok.eos_id]
+  assert f["tokens"].shape == (24,)
+  np.testing.assert_array_equal(f["tokens"][:len(p) + len(t)], p + t)
+  assert (f["tokens"][len(p) + len(t):] == 0).all()
+  # loss only where the next token is a target token or EOS
+  np.testing.assert_array_equal(f["targets"][f["loss_mask"] == 1], t)
+  assert f["loss_mask"].sum() == len(t)
+  assert int(f["prompt_len"]) == len(p) and f["input_mask"].sum() == len(p) + len(t)
+  np.testing.assert_array_equal(f["item"][:4], [2, 3, 4, 5])
+  with pytest.raises(tasks.ExampleTooLongError, match=r"user 0 task next_item cut 4: target has 5"):
+    tasks.tokenize_example(ex, ex.prompt, tok, max_prompt_tokens=16, max_target_tokens=4)
+  with pytest.raises(tasks.ExampleTooLongError, match="prompt has .* max_prompt_tokens=3"):
+    tasks.tokenize_example(ex, ex.prompt, tok, max_prompt_tokens=3, max_target_tokens=8)
+
+
+def test_stage2_grain_batches_and_prompt_batch():
+  cat = _catalog()
+  data = [_record([2, 3, 4, 5, 6, 7]), _record([3, 4, 2, 5]), _record([6, 7, 2])]
+  exs = tasks.build_examples(data, range(3), "fav_genre", cat, split="test", window=4)
+  tok = tasks.WordTokenizer(TITLES + GENRES + [exs[0].prompt])
+  ds = tasks.stage2_dataset(exs, [e.prompt for e in exs], tok, max_prompt_tokens=12,
+                            max_target_tokens=4, batch_size=2, seed=0)
+  it = iter(ds)
+  b1, b2 = next(it), next(it)
+  assert b1["tokens"].shape == (2, 16) and b1["item"].shape == (2, 4) and b1["genre"].shape == (2, 4, 2)
+  assert b1["loss_mask"].sum() == 4  # one-token genre + EOS, two rows
+  # Same seed -> same order; a different seed -> (eventually) a different order.
+  again = iter(tasks.stage2_dataset(exs, [e.prompt for e in exs], tok, max_prompt_tokens=12,
+                                    max_target_tokens=4, batch_size=2, seed=0))
+  np.testing.assert_array_equal(next(again)["user_index"], b1["user_index"])
+  pb = tasks.prompt_batch(exs, [e.prompt for e in exs], tok, max_prompt_tokens=12)
+  assert pb["prompt_tokens"].shape == (3, 12) and pb["item"].shape == (3, 4)
+  assert (pb["prompt_tokens"][:, 0] == tok.bos_id).all()
+
+
+def test_word_tokenizer_roundtrip():
+  tok = tasks.WordTokenizer(TITLES)
+  for t in TITLES[2:]:
+    assert tok.decode(tok.encode(t)) == t
+  assert tok.encode("Zebra")[0] == tok.unk_id
+  assert tok.decode(tok.encode("Heat (1995)") + [tok.eos_id] + tok.encode("Fargo")) == "Heat (1995)"
