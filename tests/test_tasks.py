@@ -165,14 +165,14 @@ def test_tp_prompt_and_tokenization():
   f = tasks.tokenize_example(ex, ex.prompt, tok, max_prompt_tokens=16, max_target_tokens=8)
   p = [tok.bos_id] + tok.encode(ex.prompt)
   t = tok.encode(ex.target) + [tok.eos_id]
-  assert f["tokens"].shape == (24,)
-  np.testing.assert_array_equal(f["tokens"][:len(p) + len(t)], p + t)
-  assert (f["tokens"][len(p) + len(t):] == 0).all()
+  assert f["tokens_BxL"].shape == (24,)
+  np.testing.assert_array_equal(f["tokens_BxL"][:len(p) + len(t)], p + t)
+  assert (f["tokens_BxL"][len(p) + len(t):] == 0).all()
   # loss only where the next token is a target token or EOS
-  np.testing.assert_array_equal(f["targets"][f["loss_mask"] == 1], t)
-  assert f["loss_mask"].sum() == len(t)
-  assert int(f["prompt_len"]) == len(p) and f["input_mask"].sum() == len(p) + len(t)
-  np.testing.assert_array_equal(f["item"][:4], [2, 3, 4, 5])
+  np.testing.assert_array_equal(f["targets_BxL"][f["loss_mask_BxL"] == 1], t)
+  assert f["loss_mask_BxL"].sum() == len(t)
+  assert int(f["prompt_len_B"]) == len(p) and f["input_mask_BxL"].sum() == len(p) + len(t)
+  np.testing.assert_array_equal(f["item_BxT"][:4], [2, 3, 4, 5])
   with pytest.raises(tasks.ExampleTooLongError, match=r"user 0 task next_item cut 4: target has 5"):
     tasks.tokenize_example(ex, ex.prompt, tok, max_prompt_tokens=16, max_target_tokens=4)
   with pytest.raises(tasks.ExampleTooLongError, match="prompt has .* max_prompt_tokens=3"):
@@ -188,15 +188,15 @@ def test_stage2_grain_batches_and_prompt_batch():
                             max_target_tokens=4, batch_size=2, seed=0)
   it = iter(ds)
   b1, b2 = next(it), next(it)
-  assert b1["tokens"].shape == (2, 16) and b1["item"].shape == (2, 4) and b1["genre"].shape == (2, 4, 2)
-  assert b1["loss_mask"].sum() == 4  # one-token genre + EOS, two rows
+  assert b1["tokens_BxL"].shape == (2, 16) and b1["item_BxT"].shape == (2, 4) and b1["genre_BxTxG"].shape == (2, 4, 2)
+  assert b1["loss_mask_BxL"].sum() == 4  # one-token genre + EOS, two rows
   # Same seed -> same order; a different seed -> (eventually) a different order.
   again = iter(tasks.stage2_dataset(exs, [e.prompt for e in exs], tok, max_prompt_tokens=12,
                                     max_target_tokens=4, batch_size=2, seed=0))
-  np.testing.assert_array_equal(next(again)["user_index"], b1["user_index"])
+  np.testing.assert_array_equal(next(again)["user_index_B"], b1["user_index_B"])
   pb = tasks.prompt_batch(exs, [e.prompt for e in exs], tok, max_prompt_tokens=12)
-  assert pb["prompt_tokens"].shape == (3, 12) and pb["item"].shape == (3, 4)
-  assert (pb["prompt_tokens"][:, 0] == tok.bos_id).all()
+  assert pb["prompt_tokens_BxP"].shape == (3, 12) and pb["item_BxT"].shape == (3, 4)
+  assert (pb["prompt_tokens_BxP"][:, 0] == tok.bos_id).all()
 
 
 def test_word_tokenizer_roundtrip():

@@ -47,6 +47,9 @@ import numpy as np
 
 TASKS = ("next_item", "fav_genre", "review")
 HISTORY_FIELDS = ("item", "genre", "rating", "timegap", "position", "segment")
+# The pipeline's batch names (data/pipeline.py, models/encoder.py) of the history fields.
+BATCH_NAMES = {"item": "item_BxT", "genre": "genre_BxTxG", "rating": "rating_BxT",
+               "timegap": "timegap_BxT", "position": "position_BxT", "segment": "segment_BxT"}
 
 # Domain wording: (item noun, verb, genre noun).
 DOMAINS = {
@@ -421,10 +424,11 @@ def tokenize_example(example: Example, prompt: str, tokenizer: TokenizerLike, *,
                      max_prompt_tokens: int, max_target_tokens: int) -> dict[str, np.ndarray]:
   """Training features for one example (``L = max_prompt_tokens + max_target_tokens``).
 
-  ``tokens_L``: ``[BOS] prompt target [EOS]`` then PAD; ``targets_L``: tokens
-  shifted left by one (the next token); ``loss_mask_L``: 1 where
-  ``targets_L`` is a target or EOS token; ``input_mask_L``: 1 on non-pad
-  tokens; ``prompt_len``; plus the history fields ``item_T ...``.
+  Keys carry the batched shapes (one example has no batch axis):
+  ``tokens_BxL``: ``[BOS] prompt target [EOS]`` then PAD; ``targets_BxL``:
+  tokens shifted left by one (the next token); ``loss_mask_BxL``: 1 where
+  ``targets_BxL`` is a target or EOS token; ``input_mask_BxL``: 1 on non-pad
+  tokens; ``prompt_len_B``; plus :func:`history_features` (``item_BxT`` ...).
   """
   where = f"user {example.user_index} task {example.task} cut {example.cut}: "
   p = encode_prompt(prompt, tokenizer, max_prompt_tokens, where=where)
@@ -439,18 +443,23 @@ def tokenize_example(example: Example, prompt: str, tokenizer: TokenizerLike, *,
   loss_mask[len(p) - 1:len(seq) - 1] = 1  # predicting target[0] from the last prompt token ...
   input_mask = np.zeros((length,), np.int32)
   input_mask[:len(seq)] = 1
-  out = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "input_mask": input_mask,
-         "prompt_len": np.int32(len(p))}
+  out = {"tokens_BxL": tokens, "targets_BxL": targets, "loss_mask_BxL": loss_mask,
+         "input_mask_BxL": input_mask, "prompt_len_B": np.int32(len(p))}
   out.update(history_features(example))
   return out
 
 
 def history_features(example: Example) -> dict[str, np.ndarray]:
+  """The encoder inputs of one example under their *batch* names (``item_BxT`` ...).
+
+  Per example the arrays lack the batch axis; batching (Grain, or
+  :func:`prompt_batch`) stacks them into the shapes the names say.
+  """
   h = example.history
-  out = {k: np.asarray(h[k], np.int32) for k in HISTORY_FIELDS}
-  out["length"] = np.int32(h["length"])
-  out["target_id"] = np.int32(example.target_id)
-  out["user_index"] = np.int32(example.user_index)
+  out = {BATCH_NAMES[k]: np.asarray(h[k], np.int32) for k in HISTORY_FIELDS}
+  out["length_B"] = np.int32(h["length"])
+  out["target_id_B"] = np.int32(example.target_id)
+  out["user_index_B"] = np.int32(example.user_index)
   return out
 
 
@@ -465,8 +474,8 @@ def prompt_batch(examples: Sequence[Example], prompts: Sequence[str], tokenizer:
     tokens[i, :len(r)] = r
   feats = [history_features(e) for e in examples]
   out = {k: np.stack([f[k] for f in feats]) for k in feats[0]}
-  out["prompt_tokens"] = tokens
-  out["prompt_len"] = np.asarray([len(r) for r in rows], np.int32)
+  out["prompt_tokens_BxP"] = tokens
+  out["prompt_len_B"] = np.asarray([len(r) for r in rows], np.int32)
   return out
 
 
