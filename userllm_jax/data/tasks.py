@@ -138,33 +138,15 @@ class Catalog:
 # History windows (the encoder's inputs).
 
 
-def timegap_ids(timestamp_T: np.ndarray, num_buckets: int = 32) -> np.ndarray:
-  """Bucketed log time gap to the previous event (0 = pad; the first event gets 1).
-
-  Uses ``data.pipeline.timegap_bucket`` when the pipeline provides it, so the
-  stage-2 histories match what the encoder was pretrained on.
-  """
-  try:
-    from userllm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    fn = getattr(pipeline, "timegap_ids", None) or getattr(pipeline, "timegap_bucket", None)
-  except ImportError:
-    fn = None
-  if fn is not None:
-    return np.asarray(fn(np.asarray(timestamp_T, np.int64)), np.int32)
-  ts = np.asarray(timestamp_T, np.int64)
-  gap = np.diff(ts, prepend=ts[:1]) if len(ts) else ts
-  gap = np.maximum(gap, 0)
-  ids = 1 + np.minimum(np.floor(np.log2(1.0 + gap)).astype(np.int64), num_buckets - 2)
-  return ids.astype(np.int32)
-
-
 def history_window(record: Mapping[str, Any], cut: int, window: int) -> dict[str, np.ndarray]:
   """The ``window`` events before ``cut`` as left-aligned, padded encoder inputs.
 
   Returns ``item_T, genre_TxG, rating_T, timegap_T, position_T, segment_T`` (all
   int32, ``T = window``; padding 0, ``segment`` 1 on real events) and ``length``.
-  Time gaps are computed on the full sequence, so the first event of the window
-  keeps its gap to the event before it.
+  Time gaps (``data/sequences.py:timegap_ids``, the ids the encoder was
+  pretrained on) are taken from the record's ``timegap`` or computed on the
+  full sequence, so the first event of the window keeps its gap to the event
+  before it.
   """
   item = np.asarray(record["item"])
   n = len(item)
@@ -188,8 +170,11 @@ def history_window(record: Mapping[str, Any], cut: int, window: int) -> dict[str
   out["genre"][:length] = genre[start:cut]
   if "rating" in record and record["rating"] is not None:
     out["rating"][:length] = np.asarray(record["rating"])[start:cut]
-  if "timestamp" in record and record["timestamp"] is not None:
-    out["timegap"][:length] = timegap_ids(np.asarray(record["timestamp"])[:cut])[start:cut]
+  if record.get("timegap") is not None:
+    out["timegap"][:length] = np.asarray(record["timegap"])[start:cut]
+  elif record.get("timestamp") is not None:
+    from userllm_jax.data import sequences  # pylint: disable=g-import-not-at-top
+    out["timegap"][:length] = sequences.timegap_ids(np.asarray(record["timestamp"])[:cut])[start:cut]
   out["position"][:length] = np.arange(length)
   out["segment"][:length] = 1
   out["length"] = np.int32(length)
