@@ -1,0 +1,336 @@
+"""Grain input pipelines: encoder pretraining batches and evaluation batches.
+
+Training (:func:`make_train_iterator`)::
+
+  MapDataset.source(users with a usable training part)
+    .shuffle(seed)                 # a new order every epoch (seed folded with epoch)
+    .repeat(num_epochs)            # None = forever
+    [shard_index::shard_count]     # this process's disjoint slice of every epoch
+    .random_map(crop)              # seeded random window of max_len+1 items of the
+                                   # user's training part (leave-one-out: all but
+                                   # the last two); inputs = w[:-1], targets = w[1:]
+    .to_iter_dataset()
+    -> pad to max_len  |  FirstFitPackIterDataset (packing=True)
+    .batch(batch_size, drop_remainder=True)
+    [.mp_prefetch(worker_count)]
+
+Only one user record is read per example and the crop happens inside the map,
+so 10,000-item histories stream without copying the dataset. The iterator's
+``get_state()/set_state()`` restore the stream exactly (also through Orbax with
+``grain.checkpoint.CheckpointSave/CheckpointRestore``).
+
+Batch fields (numpy ``int32``, ``B = batch_size`` per process, ``T = max_len``,
+0 = padding / no target): ``item_BxT, genre_BxTxG, rating_BxT, timegap_BxT,
+position_BxT`` (0-based within its sequence), ``segment_BxT`` (1.. per packed
+sequence, 0 = pad), ``target_item_BxT, target_genre_BxTxG, target_rating_BxT``.
+
+Evaluation (:func:`make_eval_batches`): for every leave-one-out user, the last
+``max_len`` items before the held-out item (valid: item ``T-2``; test: item
+``T-1``), left-aligned and padded, plus ``target_item_B``, ``length_B``,
+``user_index_B`` and ``mask_B`` (0 for the filler rows of the last batch);
+:meth:`EvalBatches.seen_items` / :meth:`EvalBatches.seen_mask` give each user's
+already-seen items for excluding them from a ranking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from userllm_jax.data.schema import DataError
+
+# Per-position fields of an example (before batching), all int32.
+SEQ_FIELDS = ("item", "genre", "rating", "timegap", "target_item",
+              "target_genre", "target_rating")
+BATCH_FIELDS = ("item", "genre", "rating", "timegap", "position", "segment",
+                "target_item", "target_genre", "target_rating")
+
+
+def batch_key(field: str) -> str:
+  """Batch dict key of a field: item -> item_BxT, genre -> genre_BxTxG."""
+  return field + ("_BxTxG" if field.endswith("genre") else "_BxT")
+
+
+# ----------------------------------------------------------------------------
+# Generic window helpers (also for downstream-task pipelines).
+
+
+def random_window(length: int, size: int,
+                  rng: np.random.Generator) -> tuple[int, int]:
+  """A uniformly random ``[start, stop)`` of ``min(size, length)`` items."""
+  w = min(size, length)
+  start = int(rng.integers(0, length - w + 1))
+  return start, start + w
+
+
+def last_window(stop: int, size: int) -> tuple[int, int]:
+  """The last ``min(size, stop)`` items before ``stop``."""
+  return max(0, stop - size), stop
+
+
+def window_features(rec: dict, start: int, stop: int,
+                    item_genres: np.ndarray) -> dict:
+  """Item, genre [L,G], rating, timegap of items ``[start, stop)`` (int32)."""
+  item = np.asarray(rec["item"][start:stop], np.int32)
+  return {"item": item,
+          "genre": np.asarray(item_genres[item], np.int32),
+          "rating": np.asarray(rec["rating"][start:stop], np.int32),
+          "timegap": np.asarray(rec["timegap"][start:stop], np.int32)}
+
+
+def next_item_example(rec: dict, start: int, stop: int,
+                      item_genres: np.ndarray) -> dict:
+  """Inputs = items ``[start, stop-1)``, targets = items ``[start+1, stop)``.
+
+  Returns variable-length (``L = stop - start - 1``) int32 arrays under the
+  keys of :data:`SEQ_FIELDS`.
+  """
+  if stop - start < 2:
+    raise ValueError(f"a next-item example needs >= 2 items; got window "
+                     f"[{start}, {stop})")
+  f = window_features(rec, start, stop, item_genres)
+  return {"item": f["item"][:-1], "genre": f["genre"][:-1],
+          "rating": f["rating"][:-1], "timegap": f["timegap"][:-1],
+          "target_item": f["item"][1:], "target_genre": f["genre"][1:],
+          "target_rating": f["rating"][1:]}
+
+
+def pad_to(x: np.ndarray, length: int) -> np.ndarray:
+  """Pads (with 0) or refuses to truncate axis 0 to ``length``."""
+  n = x.shape[0]
+  if n > length:
+    raise ValueError(f"sequence of {n} items longer than {length}")
+  if n == length:
+    return x
+  out = np.zeros((length,) + x.shape[1:], x.dtype)
+  out[:n] = x
+  return out
+
+
+def pad_example(ex: dict, max_len: int) -> dict:
+  """Pads an example at the end to ``max_len``; adds position and segment."""
+  n = ex["item"].shape[0]
+  out = {k: pad_to(ex[k], max_len) for k in SEQ_FIELDS}
+  out["position"] = pad_to(np.arange(n, dtype=np.int32), max_len)
+  out["segment"] = pad_to(np.ones(n, np.int32), max_len)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Training.
+
+
+class _UserSubset:
+  """Random access to ``prepared.record(indices[i])`` (a Grain source)."""
+
+  def __init__(self, prepared, indices: np.ndarray):
+    self.prepared = prepared
+    self.indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return int(self.indices.shape[0])
+
+  def __getitem__(self, i: int) -> dict:
+    return self.prepared.record(int(self.indices[i]))
+
+  def __repr__(self) -> str:
+    return f"_UserSubset({self.prepared!r}, n={len(self)})"
+
+
+class _TrainCrop:
+  """Picklable seeded random crop of a user's leave-one-out training part."""
+
+  def __init__(self, item_genres: np.ndarray, max_len: int):
+    self.item_genres = item_genres
+    self.max_len = max_len
+
+  def __call__(self, rec: dict, rng: np.random.Generator) -> dict:
+    n_train = rec["item"].shape[0] - 2  # Leave-one-out: drop valid + test.
+    start, stop = random_window(n_train, self.max_len + 1, rng)
+    return next_item_example(rec, start, stop, self.item_genres)
+
+
+class _Pad:
+  def __init__(self, max_len: int):
+    self.max_len = max_len
+
+  def __call__(self, ex: dict) -> dict:
+    return pad_example(ex, self.max_len)
+
+
+def _from_packed(ex: dict) -> dict:
+  out = {k: np.asarray(ex[k], np.int32) for k in SEQ_FIELDS}
+  out["position"] = np.asarray(ex["item_positions"], np.int32)
+  out["segment"] = np.asarray(ex["item_segment_ids"], np.int32)
+  return out
+
+
+def _to_batch_keys(b: dict) -> dict:
+  return {batch_key(k): np.asarray(b[k], np.int32) for k in BATCH_FIELDS}
+
+
+def train_users(prepared, min_train_items: int = 2) -> np.ndarray:
+  """Users whose leave-one-out training part has >= ``min_train_items``."""
+  return np.nonzero(np.asarray(prepared.lengths) - 2 >= min_train_items)[0]
+
+
+def make_train_dataset(prepared, *, max_len: int, batch_size: int, seed: int,
+                       packing: bool = False, shard_index: int = 0,
+                       shard_count: int = 1, num_epochs: Optional[int] = None,
+                       worker_count: int = 0, num_packing_bins: Optional[int] = None):
+  """The training pipeline as a ``grain.IterDataset`` (see module docstring)."""
+  import grain  # pylint: disable=g-import-not-at-top
+  if max_len < 1 or batch_size < 1:
+    raise ValueError(f"max_len and batch_size must be >= 1; got {max_len}, "
+                     f"{batch_size}")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index must be in [0, shard_count={shard_count}); "
+                     f"got {shard_index}")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be >= 1 or None; got {num_epochs}")
+  users = train_users(prepared)
+  if users.size < shard_count:
+    raise DataError(
+        f"{getattr(prepared, 'directory', prepared)}: {users.size} users have "
+        f">= 4 interactions (a training part of >= 2 items after holding out "
+        f"valid and test); at least shard_count={shard_count} required")
+  ds = grain.MapDataset.source(_UserSubset(prepared, users))
+  ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  ds = ds[shard_index::shard_count]
+  ds = ds.random_map(_TrainCrop(prepared.item_genres, max_len), seed=seed)
+  it = ds.to_iter_dataset()
+  if packing:
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={k: max_len for k in SEQ_FIELDS},
+        num_packing_bins=num_packing_bins or batch_size, seed=seed,
+        shuffle_bins=True)
+    it = it.map(_from_packed)
+  else:
+    it = it.map(_Pad(max_len))
+  it = it.batch(batch_size, drop_remainder=True)
+  it = it.map(_to_batch_keys)
+  if worker_count > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # mp_prefetch reads absl flags.
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
+
+
+def make_train_iterator(prepared, *, max_len: int, batch_size: int, seed: int,
+                        packing: bool = False, shard_index: int = 0,
+                        shard_count: int = 1, num_epochs: Optional[int] = None,
+                        worker_count: int = 0,
+                        num_packing_bins: Optional[int] = None):
+  """A ``grain.DatasetIterator`` of pretraining batches (exact resume via
+  ``get_state()/set_state()``)."""
+  return iter(make_train_dataset(
+      prepared, max_len=max_len, batch_size=batch_size, seed=seed,
+      packing=packing, shard_index=shard_index, shard_count=shard_count,
+      num_epochs=num_epochs, worker_count=worker_count,
+      num_packing_bins=num_packing_bins))
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+
+
+@dataclasses.dataclass
+class EvalBatches:
+  """Iterable of leave-one-out evaluation batches for one split."""
+
+  prepared: object
+  split: str
+  max_len: int
+  batch_size: int
+  users: np.ndarray  # user indices evaluated, in order
+
+  def __len__(self) -> int:
+    return -(-int(self.users.size) // self.batch_size)
+
+  def target_index(self, user_index: int) -> int:
+    t = int(self.prepared.lengths[user_index])
+    return t - 2 if self.split == "valid" else t - 1
+
+  def seen_items(self, user_index: int) -> np.ndarray:
+    """Distinct item ids in the user's whole history before the target."""
+    rec = self.prepared.record(user_index)
+    return np.unique(rec["item"][:self.target_index(user_index)])
+
+  def seen_mask(self, batch: dict, num_item_ids: Optional[int] = None
+                ) -> np.ndarray:
+    """bool ``[B, V]``: True for items already seen by the row's user (to
+    exclude from ranking). The row's own target is never masked; pad (0) and
+    OOV (1) are always masked; filler rows are all False except pad/oov."""
+    v = num_item_ids or self.prepared.vocabs["item"].size
+    b = batch["user_index_B"].shape[0]
+    mask = np.zeros((b, v), bool)
+    mask[:, :2] = True
+    for r in range(b):
+      if batch["mask_B"][r]:
+        mask[r, self.seen_items(int(batch["user_index_B"][r]))] = True
+        mask[r, batch["target_item_B"][r]] = False
+    return mask
+
+  def example(self, user_index: int) -> dict:
+    rec = self.prepared.record(user_index)
+    tgt = self.target_index(user_index)
+    start, stop = last_window(tgt, self.max_len)
+    f = window_features(rec, start, stop, self.prepared.item_genres)
+    n = stop - start
+    ex = {k: pad_to(v, self.max_len) for k, v in f.items()}
+    ex["position"] = pad_to(np.arange(n, dtype=np.int32), self.max_len)
+    ex["segment"] = pad_to(np.ones(n, np.int32), self.max_len)
+    ex["target_item"] = np.int32(rec["item"][tgt])
+    ex["length"] = np.int32(n)
+    ex["user_index"] = np.int32(user_index)
+    return ex
+
+  def __iter__(self) -> Iterator[dict]:
+    g = self.prepared.max_genres
+    for b0 in range(0, self.users.size, self.batch_size):
+      idx = self.users[b0:b0 + self.batch_size]
+      exs = [self.example(int(u)) for u in idx]
+      n_fill = self.batch_size - len(exs)
+      batch = {}
+      for k in ("item", "genre", "rating", "timegap", "position", "segment"):
+        arr = np.stack([e[k] for e in exs]).astype(np.int32)
+        if n_fill:
+          arr = np.concatenate([arr, np.zeros((n_fill,) + arr.shape[1:],
+                                              np.int32)])
+        batch[batch_key(k)] = arr
+      assert batch["genre_BxTxG"].shape[-1] == g
+      for k in ("target_item", "length", "user_index"):
+        v = np.asarray([e[k] for e in exs], np.int32)
+        fill = -1 if k == "user_index" else 0
+        batch[k + "_B"] = np.concatenate([v, np.full(n_fill, fill, np.int32)])
+      batch["mask_B"] = np.concatenate([np.ones(len(exs), np.int32),
+                                        np.zeros(n_fill, np.int32)])
+      yield batch
+
+
+def make_eval_batches(prepared, split: str = "valid", *, max_len: int,
+                      batch_size: int,
+                      users: Optional[Sequence[int]] = None) -> EvalBatches:
+  """Leave-one-out eval batches (see module docstring); ``users`` restricts
+  to those user indices (default: all users with >= 3 interactions)."""
+  if split not in ("valid", "test"):
+    raise ValueError(f"split must be 'valid' or 'test'; got {split!r}")
+  if max_len < 1 or batch_size < 1:
+    raise ValueError(f"max_len and batch_size must be >= 1; got {max_len}, "
+                     f"{batch_size}")
+  lengths = np.asarray(prepared.lengths)
+  eligible = np.nonzero(lengths >= 3)[0]
+  if users is not None:
+    users = np.asarray(users, np.int64)
+    bad = users[lengths[users] < 3] if users.size else users
+    if bad.size:
+      raise DataError(f"users {bad[:5].tolist()} have < 3 interactions and "
+                      "no leave-one-out valid/test item")
+    eligible = users
+  if eligible.size == 0:
+    raise DataError(f"{getattr(prepared, 'directory', prepared)}: no user has "
+                    ">= 3 interactions (needed for leave-one-out evaluation)")
+  return EvalBatches(prepared, split, max_len, batch_size, eligible)
