@@ -250,7 +250,7 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-      metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+      metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                      lr=jnp.asarray(schedule(step), jnp.float32))
       new_state = {"step": step + 1, "params": params, "frozen": state["frozen"],
                    "rest": new_rest, "opt_state": opt_state}
@@ -282,7 +282,8 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
     def consume(item):
       s, metrics = item
       values = _to_float_dict(jax.device_get(metrics))
-      bad = [k for k, v in values.items() if not math.isfinite(v)]
+      bad = sorted((k for k, v in values.items() if not math.isfinite(v)),
+                   key=lambda k: (k != "loss", k))
       if bad:
         raise NonFiniteError(
             f"step {s}: metric {bad[0]!r} = {values[bad[0]]} is not finite (NaN/Inf); "
