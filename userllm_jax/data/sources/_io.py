@@ -95,18 +95,7 @@ def iter_lines(path: PathLike, *, report: ReadReport,
   blank = 0
   f = open_binary(path)
   try:
-    it = iter(f)
-    while True:
-      try:
-        raw = next(it)
-      except StopIteration:
-        break
-      except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        report.bad(path, lineno + 1,
-                   f"compressed stream ends early or is corrupt after line "
-                   f"{lineno} ({type(e).__name__}: {e}); rest of file skipped",
-                   "truncated_file")
-        break
+    for raw in f:
       lineno += 1
       try:
         line = raw.decode(encoding)
@@ -114,10 +103,15 @@ def iter_lines(path: PathLike, *, report: ReadReport,
         report.bad(path, lineno, f"not valid {encoding}: {e}", "encoding")
         continue
       line = line.rstrip("\r\n")
-      if not line.strip():
+      if not line or line.isspace():
         blank += 1
         continue
       yield lineno, line
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    report.bad(path, lineno + 1,
+               f"compressed stream ends early or is corrupt after line "
+               f"{lineno} ({type(e).__name__}: {e}); rest of file skipped",
+               "truncated_file")
   finally:
     f.close()
   if blank:

@@ -38,20 +38,45 @@ NO_GENRES = "(no genres listed)"
 # ------------------------------------------------------------------ helpers
 
 
-def _join(rows: Iterator[tuple[int, str, str, float, int]], path: str,
-          items: ItemTable, item_path: pathlib.Path,
-          report: ReadReport) -> Iterator[Interaction]:
+def _read_ratings(path: pathlib.Path, lines, split, names: str,
+                  positions: tuple[int, int, int, int], items: ItemTable,
+                  item_path: pathlib.Path,
+                  report: ReadReport) -> Iterator[Interaction]:
+  """Rating lines -> Interactions joined with ``items``.
+
+  The fast path handles well-formed rows (integer timestamps); anything it
+  does not accept goes through :func:`_rating_row`, which either parses it
+  (e.g. a float timestamp) or reports why it is bad.
+  """
+  path_s = str(path)
+  ncols = len(names.split(","))
+  pu, pi, pr, pt = positions
   missing = _io.MissingItems(item_path)
-  for _, user, item, rating, ts in rows:
-    meta = items.get(item)
+  get = items.get
+  for lineno, line in lines:
+    parts = split(line)
+    try:
+      if len(parts) != ncols:
+        raise ValueError
+      user = parts[pu].strip()
+      item = parts[pi].strip()
+      rating = float(parts[pr])
+      ts = int(parts[pt])
+      if not user or not item or rating - rating != 0.0:
+        raise ValueError
+    except ValueError:
+      row = _rating_row(path_s, lineno, parts, names, report, positions)
+      if row is None:
+        continue
+      user, item, rating, ts = row
+    meta = get(item)
     if meta is None:
       missing.add(item)
       title, genres = None, ()
     else:
       title, genres = meta
     report.ok()
-    yield Interaction(user=user, item=item, timestamp=ts, rating=rating,
-                      title=title, genres=genres)
+    yield Interaction(user, item, ts, rating, title, genres)
   missing.finish(report)
 
 
@@ -63,7 +88,8 @@ def _rating_row(path: str, lineno: int, parts: list[str], names: str,
       raise _io.RowError(
           f"expected {len(names.split(','))} fields ({names}), got "
           f"{len(parts)}", "field_count")
-    u, i, r, t = (parts[p] for p in positions)
+    u, i, r, t = (parts[positions[0]], parts[positions[1]],
+                  parts[positions[2]], parts[positions[3]])
     user = _io.parse_id(u, "user")
     item = _io.parse_id(i, "item")
     rating = _io.parse_rating(r.strip(), "rating")
@@ -155,15 +181,10 @@ def read_ml100k(path: _io.PathLike, *,
   genre_names = _read_u_genre(genre_path, report)
   items = _read_u_item(item_path, genre_names, report)
 
-  def rows():
-    for lineno, line in _io.iter_lines(data, report=report,
-                                       encoding="latin-1"):
-      row = _rating_row(str(data), lineno, line.split("\t"),
-                        "user,item,rating,timestamp", report)
-      if row is not None:
-        yield (lineno, *row)
-
-  yield from _join(rows(), str(data), items, item_path, report)
+  yield from _read_ratings(
+      data, _io.iter_lines(data, report=report, encoding="latin-1"),
+      lambda line: line.split("\t"), "user,item,rating,timestamp",
+      (0, 1, 2, 3), items, item_path, report)
 
 
 # ------------------------------------------------------------------ ml-1m
@@ -202,15 +223,10 @@ def read_ml1m(path: _io.PathLike, *,
   data, item_path = ml1m_files(path)
   items = _read_movies_dat(item_path, report)
 
-  def rows():
-    for lineno, line in _io.iter_lines(data, report=report,
-                                       encoding="latin-1"):
-      row = _rating_row(str(data), lineno, line.split("::"),
-                        "UserID,MovieID,Rating,Timestamp", report)
-      if row is not None:
-        yield (lineno, *row)
-
-  yield from _join(rows(), str(data), items, item_path, report)
+  yield from _read_ratings(
+      data, _io.iter_lines(data, report=report, encoding="latin-1"),
+      lambda line: line.split("::"), "UserID,MovieID,Rating,Timestamp",
+      (0, 1, 2, 3), items, item_path, report)
 
 
 # ------------------------------------------------------------------ CSV
@@ -229,10 +245,9 @@ def _csv_fields(line: str) -> list[str]:
   return next(csv.reader([line]), [])
 
 
-def _with_header(path: pathlib.Path, report: ReadReport,
-                 required: tuple[str, ...]):
-  """Yields (index_map, header_columns) once, then (lineno, fields)."""
-  lines = _io.iter_lines(path, report=report)
+def _csv_header(path: pathlib.Path, lines, required: tuple[str, ...]
+                ) -> tuple[dict[str, int], list[str]]:
+  """Consumes the header line; (name -> column, header columns)."""
   first = next(lines, None)
   if first is None:
     raise DataFormatError(str(path), None,
@@ -242,18 +257,16 @@ def _with_header(path: pathlib.Path, report: ReadReport,
   if lineno != 1:
     raise DataFormatError(str(path), lineno,
                           f"expected the header on line 1; got {header!r}")
-  index = _io.check_header(path, cols, required)
-  yield index, cols
-  for lineno, line in lines:
-    yield lineno, _csv_fields(line)
+  return _io.check_header(path, cols, required), cols
 
 
 def _read_movies_csv(path: pathlib.Path, report: ReadReport) -> ItemTable:
   items: ItemTable = {}
   dup = [0]
-  rows = _with_header(path, report, ("movieId", "title", "genres"))
-  index, cols = next(rows)
-  for lineno, parts in rows:
+  lines = _io.iter_lines(path, report=report)
+  index, cols = _csv_header(path, lines, ("movieId", "title", "genres"))
+  for lineno, line in lines:
+    parts = _csv_fields(line)
     try:
       if len(parts) != len(cols):
         raise _io.RowError(
@@ -278,14 +291,8 @@ def read_ml_csv(path: _io.PathLike, *,
   items = _read_movies_csv(item_path, report)
   names = ("userId", "movieId", "rating", "timestamp")
 
-  def rows():
-    lines = _with_header(data, report, names)
-    index, cols = next(lines)
-    positions = tuple(index[n] for n in names)
-    label = ",".join(cols)
-    for lineno, parts in lines:
-      row = _rating_row(str(data), lineno, parts, label, report, positions)
-      if row is not None:
-        yield (lineno, *row)
-
-  yield from _join(rows(), str(data), items, item_path, report)
+  lines = _io.iter_lines(data, report=report)
+  index, cols = _csv_header(data, lines, names)
+  yield from _read_ratings(data, lines, _csv_fields, ",".join(cols),
+                           tuple(index[n] for n in names), items, item_path,
+                           report)

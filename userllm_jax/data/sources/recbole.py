@@ -176,18 +176,29 @@ def read_recbole(source: _io.PathLike, *, report: ReadReport,
   path = str(inter)
   for lineno, line in lines:
     parts = line.split("\t")
-    try:
+    try:  # Fast path for well-formed rows with integer timestamps.
       if len(parts) != n:
-        raise _io.RowError(f"expected {n} tab-separated fields, got "
-                           f"{len(parts)}", "field_count")
-      user = _io.parse_id(parts[i_user], user_field)
-      item = _io.parse_id(parts[i_item], item_field)
-      ts = _io.parse_seconds(parts[i_time], time_field)
-      rating = (None if i_rating is None
-                else _io.parse_rating(parts[i_rating], rating_field))
-    except _io.RowError as e:
-      report.bad(path, lineno, str(e), e.kind)
-      continue
+        raise ValueError
+      user = parts[i_user].strip()
+      item = parts[i_item].strip()
+      ts = int(parts[i_time])
+      rating = None if i_rating is None else float(parts[i_rating])
+      if not user or not item or (rating is not None
+                                  and rating - rating != 0.0):
+        raise ValueError
+    except ValueError:
+      try:
+        if len(parts) != n:
+          raise _io.RowError(f"expected {n} tab-separated fields, got "
+                             f"{len(parts)}", "field_count") from None
+        user = _io.parse_id(parts[i_user], user_field)
+        item = _io.parse_id(parts[i_item], item_field)
+        ts = _io.parse_seconds(parts[i_time], time_field)
+        rating = (None if i_rating is None
+                  else _io.parse_rating(parts[i_rating], rating_field))
+      except _io.RowError as e:
+        report.bad(path, lineno, str(e), e.kind)
+        continue
     title, genres = None, ()
     if items is not None:
       meta = items.get(item)
@@ -197,7 +208,6 @@ def read_recbole(source: _io.PathLike, *, report: ReadReport,
         title, genres = meta
     review = parts[i_review] if i_review is not None else None
     report.ok()
-    yield Interaction(user=user, item=item, timestamp=ts, rating=rating,
-                      title=title, genres=genres, review=review or None)
+    yield Interaction(user, item, ts, rating, title, genres, review or None)
   if missing is not None:
     missing.finish(report)

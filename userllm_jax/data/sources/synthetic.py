@@ -103,22 +103,36 @@ class SyntheticData:
                    ) -> Iterator[Interaction]:
     """Interaction rows, user by user, chronological within a user."""
     genres = [self.item_genre_names(i) for i in range(self.num_items)]
-    fav_sets = [set(f[f >= 0].tolist()) for f in self.favourite_genres]
+    ids = [self.item_id(i) for i in range(self.num_items)]
+    titles = self.item_titles
+    is_fav = self.favourite_rows()
+    reviews: dict[tuple[int, float, bool], str] = {}
     for u in range(self.num_users):
       user = self.user_id(u)
       sl = self.user_slice(u)
-      for i, r, t in zip(self.items[sl].tolist(), self.ratings[sl].tolist(),
-                         self.timestamps[sl].tolist()):
+      for i, r, t, f in zip(self.items[sl].tolist(),
+                            self.ratings[sl].tolist(),
+                            self.timestamps[sl].tolist(),
+                            is_fav[sl].tolist()):
         review = None
         if self.with_reviews:
-          review = _review(self.item_titles[i], genres[i], r,
-                           any(g in fav_sets[u] for g in self.item_genres[i]
-                               if g >= 0))
+          review = reviews.get((i, r, f))
+          if review is None:
+            review = reviews[(i, r, f)] = _review(titles[i], genres[i], r, f)
         if report is not None:
           report.ok()
-        yield Interaction(user=user, item=self.item_id(i), timestamp=t,
-                          rating=r, title=self.item_titles[i],
-                          genres=genres[i], review=review)
+        yield Interaction(user, ids[i], t, r, titles[i], genres[i], review)
+
+  def favourite_rows(self) -> np.ndarray:
+    """[N] bool: the row's item has one of its user's favourite genres."""
+    n_genres = len(self.genre_names)
+    fav_mask = np.zeros((self.num_users, n_genres + 1), dtype=bool)
+    rows = np.repeat(np.arange(self.num_users), 2)
+    fav_mask[rows, self.favourite_genres.ravel()] = True  # -1 -> spare col.
+    fav_mask[:, -1] = False
+    user_of_row = np.repeat(np.arange(self.num_users), np.diff(self.offsets))
+    return fav_mask[user_of_row[:, None], self.item_genres[self.items]].any(
+        axis=1)
 
 
 def _review(title: str, genres: tuple[str, ...], rating: float,
@@ -251,9 +265,8 @@ def generate_synthetic(num_users: int = 1000, num_items: int = 500,
   # Ratings: higher when the item has one of the user's favourite genres.
   user_of_row = np.repeat(np.arange(n_users), lengths)
   fav_mask = np.zeros((n_users, n_genres + 1), dtype=bool)
-  rows = np.repeat(np.arange(n_users), 2)
-  fav_mask[rows, favourite_genres.ravel()] = True  # -1 lands in the spare
-  fav_mask[:, -1] = False
+  fav_mask[np.repeat(np.arange(n_users), 2), favourite_genres.ravel()] = True
+  fav_mask[:, -1] = False  # The -1 padding lands in this spare column.
   is_fav = fav_mask[user_of_row[:, None], item_genres[items]].any(axis=1)
   raw = rating_base + favourite_bonus * is_fav + rng.normal(
       0.0, rating_noise, size=total)

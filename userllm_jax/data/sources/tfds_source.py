@@ -10,7 +10,7 @@ by default: nothing is fetched at run time unless asked for.
 Field mapping: user <- ``user_id``, item <- ``movie_id``, rating <-
 ``user_rating``, timestamp <- ``timestamp`` (seconds), title <-
 ``movie_title``, genres <- ``movie_genres`` (ClassLabel ids decoded to their
-names, e.g. ``Action``).  ``fields=`` overrides the mapping for other
+names, e.g. ``Action``; ``(no genres listed)`` -> none).  ``fields=`` overrides the mapping for other
 builders with the same kind of content.
 """
 
@@ -37,6 +37,7 @@ DEFAULT_FIELDS = {
     "genres": "movie_genres",
 }
 REQUIRED = ("user", "item", "timestamp")
+NO_GENRES = "(no genres listed)"  # A TFDS class; means no genres (as in CSV).
 
 
 def _import_tfds(name: str):
@@ -136,6 +137,7 @@ def read_tfds(name: str, *, report: ReadReport,
           genres = _io.unique(genre_names[int(g)] for g in raw)
         else:
           genres = _io.unique(_text(g) for g in raw)
+        genres = tuple(g for g in genres if g != NO_GENRES)
     except _io.RowError as e:
       report.bad(where, index, str(e), e.kind)
       continue
