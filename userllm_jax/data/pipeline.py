@@ -179,8 +179,15 @@ def train_users(prepared, min_train_items: int = 2) -> np.ndarray:
 def make_train_dataset(prepared, *, max_len: int, batch_size: int, seed: int,
                        packing: bool = False, shard_index: int = 0,
                        shard_count: int = 1, num_epochs: Optional[int] = None,
-                       worker_count: int = 0, num_packing_bins: Optional[int] = None):
-  """The training pipeline as a ``grain.IterDataset`` (see module docstring)."""
+                       worker_count: int = 0,
+                       num_packing_bins: Optional[int] = None,
+                       read_options=None):
+  """The training pipeline as a ``grain.IterDataset`` (see module docstring).
+
+  ``num_packing_bins`` defaults to ``batch_size``; ``read_options`` (a
+  ``grain.ReadOptions``: reader threads and prefetch buffer) defaults to
+  Grain's.
+  """
   import grain  # pylint: disable=g-import-not-at-top
   if max_len < 1 or batch_size < 1:
     raise ValueError(f"max_len and batch_size must be >= 1; got {max_len}, "
@@ -200,7 +207,7 @@ def make_train_dataset(prepared, *, max_len: int, batch_size: int, seed: int,
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   ds = ds[shard_index::shard_count]
   ds = ds.random_map(_TrainCrop(prepared.item_genres, max_len), seed=seed)
-  it = ds.to_iter_dataset()
+  it = ds.to_iter_dataset(read_options)
   if packing:
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={k: max_len for k in SEQ_FIELDS},
@@ -223,14 +230,15 @@ def make_train_iterator(prepared, *, max_len: int, batch_size: int, seed: int,
                         packing: bool = False, shard_index: int = 0,
                         shard_count: int = 1, num_epochs: Optional[int] = None,
                         worker_count: int = 0,
-                        num_packing_bins: Optional[int] = None):
+                        num_packing_bins: Optional[int] = None,
+                        read_options=None):
   """A ``grain.DatasetIterator`` of pretraining batches (exact resume via
   ``get_state()/set_state()``)."""
   return iter(make_train_dataset(
       prepared, max_len=max_len, batch_size=batch_size, seed=seed,
       packing=packing, shard_index=shard_index, shard_count=shard_count,
       num_epochs=num_epochs, worker_count=worker_count,
-      num_packing_bins=num_packing_bins))
+      num_packing_bins=num_packing_bins, read_options=read_options))
 
 
 # ----------------------------------------------------------------------------
