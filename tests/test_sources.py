@@ -558,3 +558,61 @@ def test_synthetic_rejects_bad_settings():
     synthetic.generate_synthetic(2, 3, 5, 10, 0)
   with pytest.raises(ValueError, match="p_markov"):
     synthetic.generate_synthetic(2, 30, 5, 10, 0, p_markov=1.5)
+
+
+# --------------------------------------------------------------- resolution
+
+
+def test_google_local_states_and_explicit_pair(tmp_path):
+  d = tmp_path / "g"
+  d.mkdir()
+  for state, n in (("Alaska", 2), ("Hawaii", 1)):
+    write(d / f"review-{state}.json.gz", jsonl([
+        {"user_id": f"{state}{k}", "gmap_id": f"0x{state}", "rating": 4,
+         "time": 1000 * (k + 1), "text": "t"} for k in range(n)]))
+    write(d / f"meta-{state}.json.gz", jsonl([
+        {"gmap_id": f"0x{state}", "name": f"Shop {state}",
+         "category": ["Store"]}]))
+  rows = list(sources.read_dataset("google-local", str(d),
+                                   report=ReadReport(strict=True)))
+  assert [(r.user, r.title, r.timestamp) for r in rows] == [
+      ("Alaska0", "Shop Alaska", 1), ("Alaska1", "Shop Alaska", 2),
+      ("Hawaii0", "Shop Hawaii", 1)]
+  only = list(sources.read_dataset("google-local", str(d), state="Hawaii",
+                                   report=ReadReport()))
+  assert [r.user for r in only] == ["Hawaii0"]
+  pair = f"{d / 'review-Hawaii.json.gz'},{d / 'meta-Hawaii.json.gz'}"
+  assert list(sources.read_dataset("google-local", pair,
+                                   report=ReadReport())) == only
+  assert [p.name for p in sources.source_files("google-local", str(d))] == [
+      "review-Alaska.json.gz", "meta-Alaska.json.gz",
+      "review-Hawaii.json.gz", "meta-Hawaii.json.gz"]
+
+
+def test_amazon_single_reviews_file_finds_meta_next_to_it(tmp_path):
+  d = tmp_path / "a"
+  d.mkdir()
+  write(d / "Books_5.json.gz", jsonl([
+      {"reviewerID": "A", "asin": "x", "overall": 5, "unixReviewTime": 7}]))
+  write(d / "meta_Books.json.gz", jsonl([{"asin": "x", "title": "Dune",
+                                          "category": ["Books"]}]))
+  rows = list(sources.read_dataset("amazon-2018", str(d / "Books_5.json.gz"),
+                                   report=ReadReport(strict=True)))
+  assert rows == [I("A", "x", 7, 5.0, "Dune", ("Books",))]
+
+
+def test_recbole_several_inter_files_and_duplicates(tmp_path):
+  d = tmp_path / "rb"
+  d.mkdir()
+  head = "user_id:token\titem_id:token\ttimestamp:float\n"
+  write(d / "a.inter", head + "u\tx\t1\n")
+  write(d / "b.inter", head + "v\ty\t2\n")
+  write(d / "b.item", "item_id:token\ttitle:token_seq\n"
+        "y\tFirst\ny\tSecond\n")
+  with pytest.raises(DataFormatError, match="several .inter files"):
+    sources.read_dataset("recbole", str(d), report=ReadReport())
+  report = ReadReport()
+  rows = list(sources.read_dataset("recbole", str(d), dataset="b",
+                                   report=report))
+  assert rows == [I("v", "y", 2, None, "First", ())]
+  assert any("1 duplicate item row(s)" in n for n in report.notes)
