@@ -433,7 +433,9 @@ def test_parse_seconds_exact_for_large_ms():
   assert _io.parse_seconds("1440385637999", milliseconds=True) == 1440385637
   assert _io.parse_seconds("881250949.0") == 881250949
   assert _io.parse_seconds(-1500, milliseconds=True) == -2
-  for bad in ("nan", "inf", "", "1e", True, None, [1]):
+  assert _io.parse_seconds(str(2**63 - 1)) == 2**63 - 1
+  for bad in ("nan", "inf", "", "1e", True, None, [1], 2**63, "1e300",
+              10**400, "-" + "9" * 30):
     with pytest.raises(_io.RowError):
       _io.parse_seconds(bad)
 
@@ -616,3 +618,20 @@ def test_recbole_several_inter_files_and_duplicates(tmp_path):
                                    report=report))
   assert rows == [I("v", "y", 2, None, "First", ())]
   assert any("1 duplicate item row(s)" in n for n in report.notes)
+
+
+def test_csv_field_over_size_limit_is_a_bad_row(tmp_path):
+  d = tmp_path / "ml"
+  d.mkdir()
+  huge = "x" * 200_000  # Over csv's default field_size_limit (131072).
+  write(d / "movies.csv", f'movieId,title,genres\n1,"{huge}",Drama\n'
+        '2,"Fine, Title",Drama\n')
+  write(d / "ratings.csv", "userId,movieId,rating,timestamp\n"
+        f'1,"{huge}",3,4\n1,1,3,5\n1,2,4,6\n')
+  report = ReadReport()
+  rows = list(sources.read_ml_csv(d, report=report))
+  assert rows == [I("1", "1", 5, 3.0, None, ()),
+                  I("1", "2", 6, 4.0, "Fine, Title", ("Drama",))]
+  assert report.by_reason == {"bad_csv": 2}
+  assert report.examples[0].startswith(f"{d / 'movies.csv'}:2: unparsable")
+  assert report.examples[1].startswith(f"{d / 'ratings.csv'}:2: unparsable")

@@ -70,6 +70,7 @@ class Target:
   texts: tuple = ()                 # optional text keys (JSON)
   lists: tuple = ()                 # list-of-string keys (JSON)
   key_groups: tuple = ()            # JSON: deleting a group -> bad row
+  timestamp: Optional[int] = None   # delimited: the timestamp column
 
   def render(self, rec) -> str:
     if self.family == "delim":
@@ -121,7 +122,7 @@ def _ml100k_targets():
   return [
       Target("ml100k/u.data", "delim", "u.data", ML100K_DATA, [], "latin-1",
              {"u.item": items, "u.genre": ML100K_GENRE}, read, sep="\t",
-             numeric=(2, 3), ids=(0, 1)),
+             numeric=(2, 3), ids=(0, 1), timestamp=3),
       Target("ml100k/u.item", "delim", "u.item", ML100K_ITEM, [], "latin-1",
              {"u.data": data, "u.genre": ML100K_GENRE}, read,
              item_of=lambda r: r[0], sep="|", ids=(0,),
@@ -147,7 +148,7 @@ def _ml1m_targets():
   return [
       Target("ml1m/ratings.dat", "delim", "ratings.dat", ML1M_DATA, [],
              "latin-1", {"movies.dat": items}, read, sep="::",
-             numeric=(2, 3), ids=(0, 1)),
+             numeric=(2, 3), ids=(0, 1), timestamp=3),
       Target("ml1m/movies.dat", "delim", "movies.dat", ML1M_ITEM, [],
              "latin-1", {"ratings.dat": data}, read, item_of=lambda r: r[0],
              sep="::", ids=(0,)),
@@ -181,7 +182,7 @@ def _mlcsv_targets():
       Target("mlcsv/ratings.csv", "csv", "ratings.csv", MLCSV_DATA,
              ["userId,movieId,rating,timestamp"], "utf-8",
              {"movies.csv": items}, read, sep=",", numeric=(2, 3),
-             ids=(0, 1)),
+             ids=(0, 1), timestamp=3),
       Target("mlcsv/movies.csv", "csv", "movies.csv", MLCSV_ITEM,
              ["movieId,title,genres"], "utf-8", {"ratings.csv": data}, read,
              item_of=lambda r: r[0], sep=",", ids=(0,)),
@@ -206,7 +207,7 @@ def _recbole_targets():
   return [
       Target("recbole/.inter", "delim", "x.inter", RB_DATA,
              [RB_INTER_HEADER], "utf-8", {"x.item": items}, read, sep="\t",
-             numeric=(2, 3), ids=(0, 1)),
+             numeric=(2, 3), ids=(0, 1), timestamp=3),
       Target("recbole/.item", "delim", "x.item", RB_ITEM, [RB_ITEM_HEADER],
              "utf-8", {"x.inter": data}, read, item_of=lambda r: r[0],
              sep="\t", ids=(0,)),
@@ -316,6 +317,8 @@ def corrupt_delimited(draw, t: Target, rec: list) -> bytes:
     kinds.append("non_numeric")
   if t.encoding == "utf-8":
     kinds.append("bad_utf8")
+  if t.timestamp is not None:
+    kinds.append("ts_overflow")
   kind = draw(st.sampled_from(kinds))
   rec = list(rec)
   if kind == "drop":
@@ -325,6 +328,9 @@ def corrupt_delimited(draw, t: Target, rec: list) -> bytes:
   elif kind == "empty_id":
     rec[draw(st.sampled_from(t.ids))] = draw(st.sampled_from(["", " ",
                                                               "  "]))
+  elif kind == "ts_overflow":  # Outside int64, or too long for int().
+    rec[t.timestamp] = draw(st.sampled_from(
+        [str(2**63), "-" + "9" * 25, "1" * 5000, "1e300"]))
   elif kind == "non_numeric":
     pos = draw(st.sampled_from(t.numeric))
     if pos == "flags":  # u.item genre flags must be 0 or 1.
@@ -351,7 +357,8 @@ def corrupt_delimited(draw, t: Target, rec: list) -> bytes:
 
 _NON_ID = st.sampled_from([None, "", "   ", 1.5, [], {}, True])
 _NON_NUMBER = st.one_of(st.sampled_from([None, True, [], {"a": 1}, "NaN",
-                                         "inf"]), junk(0x2FFF))
+                                         "inf", "-1e400", 10**400,
+                                         -(10**30)]), junk(0x2FFF))
 _NON_TEXT = st.sampled_from([5, 1.5, [], {"x": 1}, True])
 _NON_LIST = st.sampled_from(["Drama", 5, {"a": 1}, [1], [None], ["ok", 2]])
 

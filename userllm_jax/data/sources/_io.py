@@ -36,6 +36,7 @@ PathLike = Union[str, os.PathLike]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _INT_RE = re.compile(r"\s*[+-]?[0-9]+\s*")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class RowError(ValueError):
@@ -126,7 +127,11 @@ def parse_number(value: Any, field: str) -> float:
   if isinstance(value, bool) or value is None:
     raise RowError(f"{field}: expected a number, got {value!r}", "bad_number")
   if isinstance(value, (int, float)):
-    x = float(value)
+    try:
+      x = float(value)
+    except OverflowError:
+      raise RowError(f"{field}: number out of range: {value!r:.40}",
+                     "bad_number") from None
   elif isinstance(value, str):
     try:
       x = float(value)
@@ -148,18 +153,29 @@ def parse_rating(value: Any, field: str = "rating") -> float:
 
 def parse_seconds(value: Any, field: str = "timestamp", *,
                   milliseconds: bool = False) -> int:
-  """Integer Unix seconds (floored) from seconds or milliseconds."""
+  """Integer Unix seconds (floored) from seconds or milliseconds.
+
+  The result must fit in int64 (downstream arrays are int64).
+  """
   # Exact integer path first: millisecond values exceed float precision.
   if isinstance(value, int) and not isinstance(value, bool):
     ival = value
   elif isinstance(value, str) and _INT_RE.fullmatch(value):
-    ival = int(value)
+    try:
+      ival = int(value)
+    except ValueError:  # Over sys.get_int_max_str_digits() digits.
+      raise RowError(f"{field}: integer too long ({len(value)} chars)",
+                     "bad_number") from None
   else:
     x = parse_number(value, field)
-    if milliseconds:
-      return math.floor(x / 1000.0)
-    return math.floor(x)
-  return ival // 1000 if milliseconds else ival
+    ival = math.floor(x / 1000.0) if milliseconds else math.floor(x)
+    milliseconds = False
+  if milliseconds:
+    ival //= 1000
+  if not INT64_MIN <= ival <= INT64_MAX:
+    raise RowError(f"{field}: {value!r:.40} is out of the int64 range",
+                   "bad_number")
+  return ival
 
 
 def parse_id(value: Any, field: str) -> str:

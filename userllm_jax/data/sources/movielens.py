@@ -54,7 +54,11 @@ def _read_ratings(path: pathlib.Path, lines, split, names: str,
   missing = _io.MissingItems(item_path)
   get = items.get
   for lineno, line in lines:
-    parts = split(line)
+    try:
+      parts = split(line)
+    except _io.RowError as e:
+      report.bad(path_s, lineno, str(e), e.kind)
+      continue
     try:
       if len(parts) != ncols:
         raise ValueError
@@ -62,7 +66,8 @@ def _read_ratings(path: pathlib.Path, lines, split, names: str,
       item = parts[pi].strip()
       rating = float(parts[pr])
       ts = int(parts[pt])
-      if not user or not item or rating - rating != 0.0:
+      if (not user or not item or rating - rating != 0.0
+          or not _io.INT64_MIN <= ts <= _io.INT64_MAX):
         raise ValueError
     except ValueError:
       row = _rating_row(path_s, lineno, parts, names, report, positions)
@@ -242,7 +247,10 @@ def ml_csv_files(path: _io.PathLike) -> list[pathlib.Path]:
 def _csv_fields(line: str) -> list[str]:
   if '"' not in line:
     return line.split(",")
-  return next(csv.reader([line]), [])
+  try:
+    return next(csv.reader([line]), [])
+  except csv.Error as e:  # e.g. a field over csv.field_size_limit().
+    raise _io.RowError(f"unparsable CSV: {e}", "bad_csv") from None
 
 
 def _csv_header(path: pathlib.Path, lines, required: tuple[str, ...]
@@ -253,7 +261,10 @@ def _csv_header(path: pathlib.Path, lines, required: tuple[str, ...]
     raise DataFormatError(str(path), None,
                           f"empty file; expected a header {list(required)}")
   lineno, header = first
-  cols = [c.strip() for c in _csv_fields(header.lstrip("\ufeff"))]
+  try:
+    cols = [c.strip() for c in _csv_fields(header.lstrip("\ufeff"))]
+  except _io.RowError as e:
+    raise DataFormatError(str(path), lineno, f"bad header: {e}") from None
   if lineno != 1:
     raise DataFormatError(str(path), lineno,
                           f"expected the header on line 1; got {header!r}")
@@ -266,8 +277,8 @@ def _read_movies_csv(path: pathlib.Path, report: ReadReport) -> ItemTable:
   lines = _io.iter_lines(path, report=report)
   index, cols = _csv_header(path, lines, ("movieId", "title", "genres"))
   for lineno, line in lines:
-    parts = _csv_fields(line)
     try:
+      parts = _csv_fields(line)
       if len(parts) != len(cols):
         raise _io.RowError(
             f"expected {len(cols)} comma-separated fields (titles with commas "

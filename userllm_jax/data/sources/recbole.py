@@ -183,8 +183,8 @@ def read_recbole(source: _io.PathLike, *, report: ReadReport,
       item = parts[i_item].strip()
       ts = int(parts[i_time])
       rating = None if i_rating is None else float(parts[i_rating])
-      if not user or not item or (rating is not None
-                                  and rating - rating != 0.0):
+      if (not user or not item or not _io.INT64_MIN <= ts <= _io.INT64_MAX
+          or (rating is not None and rating - rating != 0.0)):
         raise ValueError
     except ValueError:
       try:
