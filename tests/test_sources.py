@@ -635,3 +635,12 @@ def test_csv_field_over_size_limit_is_a_bad_row(tmp_path):
   assert report.by_reason == {"bad_csv": 2}
   assert report.examples[0].startswith(f"{d / 'movies.csv'}:2: unparsable")
   assert report.examples[1].startswith(f"{d / 'ratings.csv'}:2: unparsable")
+
+
+def test_tfds_unprepared_dataset_is_a_clear_error(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  with pytest.raises(DataError, match=r"(?s)tfds:movielens/100k-ratings: "
+                     r"cannot open split 'train'.*tfds build "
+                     r"movielens/100k-ratings --file_format=array_record"):
+    sources.read_dataset("tfds:movielens/100k-ratings", str(tmp_path),
+                         report=ReadReport())

@@ -87,17 +87,23 @@ def read_tfds(name: str, *, report: ReadReport,
               download: bool = False,
               fields: Optional[Mapping[str, str]] = None
               ) -> Iterator[Interaction]:
-  """Reads ``name`` (e.g. ``movielens/100k-ratings``) via tfds.data_source."""
+  """Reads ``name`` (e.g. ``movielens/100k-ratings``) via tfds.data_source.
+
+  Opening the data source happens in this call (errors are raised here);
+  the rows are read lazily by the returned iterator.
+  """
   tfds = _import_tfds(name)
   mapping = dict(DEFAULT_FIELDS, **(fields or {}))
   try:
     ds = tfds.data_source(name, split=split, data_dir=data_dir,
-                          download=download)
+                          download=download,
+                          builder_kwargs={"file_format": "array_record"})
   except Exception as e:  # TFDS raises many types for "not prepared".
     raise DataError(
         f"tfds:{name}: cannot open split {split!r} in data_dir={data_dir!r}: "
-        f"{type(e).__name__}: {e}. Prepare it first (tfds build) or pass "
-        "download=True") from e
+        f"{type(e).__name__}: {e}\nRandom access needs the ArrayRecord "
+        f"format: prepare it with `tfds build {name} "
+        "--file_format=array_record` (or pass download=True)") from e
   where = f"tfds:{name}[{split}]"
   info = getattr(ds, "dataset_info", None)
   features = getattr(info, "features", None)
@@ -108,6 +114,12 @@ def read_tfds(name: str, *, report: ReadReport,
     if absent:
       raise DataFormatError(where, None, f"features {absent} not found; the "
                             f"dataset has {sorted(keys)}; pass fields=")
+  return _iter_rows(ds, where, mapping, genre_names, report)
+
+
+def _iter_rows(ds, where: str, mapping: dict[str, str],
+               genre_names: Optional[list[str]],
+               report: ReadReport) -> Iterator[Interaction]:
   for index in range(len(ds)):
     ex = ds[index]
     try:
@@ -116,7 +128,8 @@ def read_tfds(name: str, *, report: ReadReport,
         raise _io.RowError(f"missing feature(s) {missing}", "missing_field")
       user = _io.parse_id(_text(ex[mapping["user"]]), mapping["user"])
       item = _io.parse_id(_text(ex[mapping["item"]]), mapping["item"])
-      ts = int(ex[mapping["timestamp"]])
+      ts = _io.parse_seconds(int(ex[mapping["timestamp"]]),
+                             mapping["timestamp"])
       rating = None
       if mapping["rating"] in ex:
         rating = float(ex[mapping["rating"]])
@@ -140,6 +153,9 @@ def read_tfds(name: str, *, report: ReadReport,
         genres = tuple(g for g in genres if g != NO_GENRES)
     except _io.RowError as e:
       report.bad(where, index, str(e), e.kind)
+      continue
+    except (ValueError, TypeError) as e:  # Undecodable bytes, odd dtypes.
+      report.bad(where, index, f"{type(e).__name__}: {e}", "bad_field")
       continue
     report.ok()
     yield Interaction(user=user, item=item, timestamp=ts, rating=rating,
