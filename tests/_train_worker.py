@@ -119,7 +119,9 @@ def main(argv=None):
   ap.add_argument("--kill_at", type=int, default=-1)
   args = ap.parse_args(argv)
 
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from userllm_jax.train import distributed, loop  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
   if args.num_processes > 1:
     distributed.maybe_initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
   data, fsdp, tensor = (int(v) for v in args.mesh.split(","))
