@@ -19,9 +19,11 @@ Two views of the same trie:
   and in the DEAD state (-1, a token the trie does not allow was forced in),
   only EOS and PAD are allowed, so finished beams stay finished.
 
-:func:`make_logits_processor` wraps this as a logits processor for
-``models/sampler.py``: it re-derives each sequence's state from the tokens
-generated so far and sets disallowed logits to a large negative value.
+:func:`make_sampler_processor` wraps this as the logits processor of
+``models/sampler.py`` (``fn(tokens_so_far_BxN, logits_BxV) -> allowed mask``);
+:func:`make_logits_processor` is the same for a ``fn(logits, generated, step)``
+convention.  Both re-derive each sequence's state from the tokens generated
+so far, so beam reordering needs no carried state.
 """
 
 from __future__ import annotations
@@ -217,7 +219,10 @@ def advance(trie: TrieArrays, state_B: jax.Array, token_B: jax.Array) -> jax.Arr
 
 
 def state_after(trie: TrieArrays, generated_BxS: jax.Array, num_generated) -> jax.Array:
-  """States after the first ``num_generated`` tokens of ``generated_BxS`` (a jittable scan)."""
+  """States after the first ``num_generated`` tokens of ``generated_BxS`` (a jittable loop).
+
+  ``num_generated`` is a scalar or one count per row (``[B]``).
+  """
   generated_BxS = jnp.asarray(generated_BxS, jnp.int32)
   b, s = generated_BxS.shape
 
@@ -237,6 +242,30 @@ def mask_logits(trie: TrieArrays, logits_BxV: jax.Array, state_B: jax.Array) -> 
       raise ValueError(f"mask_logits: logits have {v} entries, trie was built for {trie.vocab_size}")
     mask_BxV = jnp.pad(mask_BxV, ((0, 0), (0, v - trie.vocab_size)))
   return jnp.where(mask_BxV, logits_BxV, jnp.asarray(NEG_INF, logits_BxV.dtype))
+
+
+def make_sampler_processor(trie: TrieArrays) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The ``models/sampler.py`` hook: ``fn(tokens_so_far_BxN, logits_BxV) -> allowed_BxV``.
+
+  ``tokens_so_far_BxN`` holds each row's generated tokens, ``-1`` where none
+  yet; the trie state is re-derived from them, so beam reordering needs no
+  carried state.  Returns the boolean mask of allowed tokens (the sampler
+  sets the others to -inf).  Build it once per trie and reuse it: the
+  sampler's jit cache is keyed on the function object.
+  """
+  def processor(tokens_so_far_BxN, logits_BxV):
+    tokens_so_far_BxN = jnp.asarray(tokens_so_far_BxN, jnp.int32)
+    n_B = jnp.sum(tokens_so_far_BxN >= 0, axis=1)
+    state_B = state_after(trie, jnp.maximum(tokens_so_far_BxN, 0), n_B)
+    mask_BxV = allowed_mask(trie, state_B)
+    v = logits_BxV.shape[-1]
+    if v != trie.vocab_size:
+      if v < trie.vocab_size:
+        raise ValueError(f"trie processor: logits have {v} entries, trie was built for "
+                         f"{trie.vocab_size}")
+      mask_BxV = jnp.pad(mask_BxV, ((0, 0), (0, v - trie.vocab_size)))
+    return mask_BxV
+  return processor
 
 
 def make_logits_processor(trie: TrieArrays) -> Callable[..., jax.Array]:
