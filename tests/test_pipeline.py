@@ -273,3 +273,22 @@ def test_window_helpers():
     pipeline.pad_to(np.zeros(5), 4)
   with pytest.raises(ValueError, match=">= 2 items"):
     pipeline.next_item_example({"item": np.arange(5)}, 2, 3, np.zeros((5, 1)))
+
+
+def test_epoch_shuffle_is_a_fresh_permutation_per_epoch():
+  import pickle  # pylint: disable=g-import-not-at-top
+  import grain  # pylint: disable=g-import-not-at-top
+  ds = pipeline.epoch_shuffle(grain.MapDataset.range(10), 3).repeat(3)
+  got = [ds[i] for i in range(30)]
+  blocks = [got[10 * e:10 * (e + 1)] for e in range(3)]
+  for e, b in enumerate(blocks):
+    assert sorted(b) == list(range(10)), b  # a permutation of the epoch
+  assert blocks[0] != blocks[1] != blocks[2]
+  np.testing.assert_array_equal(
+      blocks[1], np.random.default_rng([3, 1]).permutation(10))
+  # Random access in any order and after pickling gives the same elements.
+  assert [ds[i] for i in reversed(range(30))] == got[::-1]
+  ds2 = pickle.loads(pickle.dumps(ds))
+  assert [ds2[i] for i in range(30)] == got
+  with pytest.raises(ValueError, match="seed"):
+    pipeline.epoch_shuffle(grain.MapDataset.range(3), -1)

@@ -42,6 +42,9 @@ flags.DEFINE_integer("userllm_stride", None, "Stride of User-LLM train "
                      "windows (default: the window).")
 flags.DEFINE_string("reader_kwargs", None, "JSON object of extra reader "
                     "arguments, e.g. '{\"category\": \"Books\"}'.")
+flags.DEFINE_string("record_options", "group_size:1", "ArrayRecordWriter "
+                    "options; 'group_size:1,uncompressed' reads long "
+                    "histories ~6x faster at ~3x the size.")
 flags.DEFINE_bool("force", False, "Rebuild even if --out is up to date.")
 flags.DEFINE_bool("progress", True, "Show a progress bar while reading.")
 
@@ -103,7 +106,8 @@ def run(argv=None) -> int:
         min_user_count=FLAGS.min_user_count,
         min_item_count=FLAGS.min_item_count, k_core=FLAGS.k_core,
         max_genres=FLAGS.max_genres, userllm_window=FLAGS.userllm_window,
-        userllm_stride=FLAGS.userllm_stride, reader_kwargs=reader_kwargs)
+        userllm_stride=FLAGS.userllm_stride,
+        record_options=FLAGS.record_options, reader_kwargs=reader_kwargs)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -62,6 +62,10 @@ DEFAULT_SETTINGS = {
     "max_genres": None,
     "userllm_window": 50,
     "userllm_stride": None,
+    # ArrayRecordWriter options. The default compresses with zstd; for long
+    # histories "group_size:1,uncompressed" reads ~6x faster (0.25 vs 1.5 ms
+    # per 10,000-item record) at ~3x the size.
+    "record_options": "group_size:1",
 }
 
 
@@ -154,7 +158,8 @@ def write_dataset(seq: seqlib.SequenceData, out: os.PathLike | str, *,
     shards = []
     for s in range(n_shards):
       fname = SHARD_PATTERN.format(s, n_shards)
-      w = ArrayRecordWriter(str(tmp / fname), "group_size:1")
+      w = ArrayRecordWriter(str(tmp / fname),
+                            settings.get("record_options", "group_size:1"))
       for u in range(int(bounds[s]), int(bounds[s + 1])):
         w.write(encode_user(seq, u))
       w.close()
