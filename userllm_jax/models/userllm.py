@@ -1,0 +1,497 @@
+"""User-LLM (arXiv 2402.13598): an LLM conditioned on user embeddings.
+
+    history ─► UserEncoder ─► item_emb_BxTxE ─► [PerceiverResampler] ─► Projector ─► user tokens
+                                                                                     │
+    prompt tokens ─────────────────────────────► Gemma 3 ◄── 'xattn':  gated cross-attention
+                                                                       after every k-th layer
+                                                        ◄── 'soft_prompt': prefix embeddings
+
+* The encoder reads the history (left-aligned, padded; padding is ``segment == 0`` or
+  ``item == 0``) and gives one embedding per item.
+* The optional Perceiver compresses the T item embeddings into N latents; without it the
+  user tokens are the T item embeddings themselves (masked like the history).
+* The projector is a 2-layer MLP (``Dense -> GeLU-tanh -> Dense``) to the LLM width D.
+* ``mode='xattn'``: the user tokens are the ``media`` of Flamingo-style gated cross-attention
+  blocks (:class:`~userllm_jax.models.xattn.GatedCrossAttention`, tanh gates starting at 0)
+  inserted after layers ``i`` with ``(i + 1) % xattn_every == 0``.  At initialisation the
+  LLM computes exactly what the bare LLM computes.
+  ``mode='soft_prompt'``: the user tokens are placed before the prompt tokens
+  (``prefix_embeds``), unscaled; masked slots take no part in attention.
+* A user with an empty history gets a mask of all False: cross-attention contributes exactly
+  zero and the soft prompt is fully masked, i.e. the LLM sees only the prompt.
+
+History batches: either the encoder's keys (``item_BxT``, ``segment_BxT``, ``position_BxT``,
+``genre_BxTxG``, ``rating_BxT``, ``timegap_BxT``) or the stage-2 task keys of
+:mod:`userllm_jax.data.tasks` (``item``, ``segment``, ``position``, ``genre``, ``rating``,
+``timegap``); :func:`history_inputs` maps the latter onto the former.
+
+Training strategies (:func:`trainable_filter`), as nnx filters for
+``nnx.Optimizer(model, tx, wrt=filter)`` or ``nnx.state(model, filter)``:
+
+==========  =====================================================================
+'full'      every parameter
+'enc'       encoder + perceiver + projector + cross-attention; the LLM is frozen
+'lora'      'enc' + the LoRA factors of the LLM (:class:`~userllm_jax.models.lora.LoRAParam`)
+'proj'      perceiver + projector + cross-attention; encoder and LLM are frozen
+==========  =====================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from userllm_jax.models.common import param
+from userllm_jax.models.encoder import EncoderConfig, UserEncoder
+from userllm_jax.models.gemma import Gemma3, GemmaConfig
+from userllm_jax.models.lora import LoRAConfig, LoRAParam, apply_lora
+from userllm_jax.models.perceiver import PerceiverConfig, PerceiverResampler
+from userllm_jax.models.xattn import GatedCrossAttention
+
+MODES = ("xattn", "soft_prompt")
+STRATEGIES = ("full", "enc", "lora", "proj")
+
+# Stage-2 task keys (data/tasks.py) -> encoder batch keys.
+_TASK_TO_ENCODER_KEYS = {
+    "item": "item_BxT", "segment": "segment_BxT", "position": "position_BxT",
+    "genre": "genre_BxTxG", "rating": "rating_BxT", "timegap": "timegap_BxT",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class UserLLMConfig:
+  """The bridge between the user encoder and the LLM (the ``userllm`` section of a config).
+
+  Attributes:
+    mode: 'xattn' (gated cross-attention) or 'soft_prompt' (prefix embeddings).
+    strategy: which parameters train: 'full' | 'enc' | 'lora' | 'proj'.
+    use_perceiver: compress the item embeddings to ``num_latents`` tokens.
+    num_latents, perceiver_layers, perceiver_heads, perceiver_head_dim: Perceiver sizes.
+    perceiver_mlp_dim: Perceiver MLP width; 0 -> 4 * perceiver width.
+    perceiver_dim: latent width; 0 -> the encoder width.
+    perceiver_self_attention: latent self-attention in every Perceiver layer.
+    projector_hidden_dim: hidden width of the 2-layer projector; 0 -> the LLM width.
+    xattn_every: cross-attention after layers i with (i + 1) % xattn_every == 0.
+    xattn_num_heads, xattn_head_dim, xattn_mlp_dim: cross-attention block sizes;
+      0 -> the LLM's num_heads / head_dim / mlp_dim.
+    lora_rank, lora_alpha, lora_targets: LoRA on the LLM (strategy 'lora' only).
+    dtype: compute dtype of the perceiver and projector.
+  """
+  mode: str = "xattn"
+  strategy: str = "enc"
+  use_perceiver: bool = True
+  num_latents: int = 16
+  perceiver_layers: int = 2
+  perceiver_heads: int = 4
+  perceiver_head_dim: int = 32
+  perceiver_mlp_dim: int = 0
+  perceiver_dim: int = 0
+  perceiver_self_attention: bool = True
+  projector_hidden_dim: int = 0
+  xattn_every: int = 1
+  xattn_num_heads: int = 0
+  xattn_head_dim: int = 0
+  xattn_mlp_dim: int = 0
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    def bad(field, expected, got):
+      raise ValueError(f"UserLLMConfig.{field}: expected {expected}, got {got!r}")
+    if self.mode not in MODES:
+      bad("mode", " | ".join(map(repr, MODES)), self.mode)
+    if self.strategy not in STRATEGIES:
+      bad("strategy", " | ".join(map(repr, STRATEGIES)), self.strategy)
+    for name in ("num_latents", "perceiver_layers", "perceiver_heads", "perceiver_head_dim",
+                 "xattn_every", "lora_rank"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 1:
+        bad(name, "a positive int", v)
+    for name in ("perceiver_mlp_dim", "perceiver_dim", "projector_hidden_dim",
+                 "xattn_num_heads", "xattn_head_dim", "xattn_mlp_dim"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 0:
+        bad(name, "an int >= 0 (0 = default)", v)
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any], **overrides) -> "UserLLMConfig":
+    """From a ConfigDict / dict (e.g. ``config.userllm``); unknown keys raise."""
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    d.update(overrides)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"UserLLMConfig: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+  def replace(self, **kw) -> "UserLLMConfig":
+    return dataclasses.replace(self, **kw)
+
+  def perceiver_config(self, input_dim: int) -> PerceiverConfig:
+    width = self.perceiver_dim or input_dim
+    return PerceiverConfig(
+        input_dim=input_dim, latent_dim=width, num_latents=self.num_latents,
+        num_layers=self.perceiver_layers, num_heads=self.perceiver_heads,
+        head_dim=self.perceiver_head_dim, mlp_dim=self.perceiver_mlp_dim or 4 * width,
+        self_attention=self.perceiver_self_attention, dtype=self.dtype)
+
+  def cross_attention_layers(self, num_layers: int) -> tuple[int, ...]:
+    if self.mode != "xattn":
+      return ()
+    return tuple(i for i in range(num_layers) if (i + 1) % self.xattn_every == 0)
+
+  def lora_config(self) -> Optional[LoRAConfig]:
+    if self.strategy != "lora":
+      return None
+    return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets)
+
+
+class Projector(nnx.Module):
+  """2-layer MLP from the user-token width to the LLM width: ``W2 gelu(W1 x + b1) + b2``."""
+
+  def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, rngs: nnx.Rngs,
+               dtype=jnp.float32):
+    self.dtype = jnp.dtype(dtype)
+    init = jax.nn.initializers.lecun_normal()
+    self.w1 = param(rngs, init, (in_dim, hidden_dim), (None, "mlp"))
+    self.b1 = nnx.Param(jnp.zeros((hidden_dim,)), logical_axes=("mlp",))
+    self.w2 = param(rngs, init, (hidden_dim, out_dim), ("mlp", "embed"))
+    self.b2 = nnx.Param(jnp.zeros((out_dim,)), logical_axes=("embed",))
+
+  def __call__(self, x_BxNxE: jax.Array) -> jax.Array:
+    dt = self.dtype
+    h = x_BxNxE.astype(dt) @ self.w1[...].astype(dt) + self.b1[...].astype(dt)
+    h = jax.nn.gelu(h, approximate=True)
+    return h @ self.w2[...].astype(dt) + self.b2[...].astype(dt)
+
+
+def history_inputs(history_batch: Mapping[str, Any]) -> tuple[dict[str, Any], jax.Array]:
+  """``(encoder_batch, valid_BxT)`` from a history batch in either key convention.
+
+  Raises KeyError naming the accepted keys when neither ``item_BxT`` nor ``item`` is present.
+  """
+  if "item_BxT" in history_batch:
+    batch = dict(history_batch)
+  elif "item" in history_batch:
+    batch = {_TASK_TO_ENCODER_KEYS[k]: v for k, v in history_batch.items()
+             if k in _TASK_TO_ENCODER_KEYS}
+  else:
+    raise KeyError(f"UserLLM: history batch needs 'item_BxT' (encoder keys) or 'item' "
+                   f"(data/tasks.py keys); got keys {sorted(history_batch)}")
+  item_BxT = jnp.asarray(batch["item_BxT"])
+  if item_BxT.ndim != 2:
+    raise ValueError(f"UserLLM: history item ids must be [B, T], got shape {item_BxT.shape}")
+  if "segment_BxT" in batch:
+    valid_BxT = jnp.asarray(batch["segment_BxT"]) != 0
+  else:
+    valid_BxT = item_BxT != 0
+  return batch, valid_BxT
+
+
+class UserLLM(nnx.Module):
+  """encoder -> [perceiver] -> projector -> Gemma ('xattn' or 'soft_prompt').
+
+  Build it with :func:`build_userllm` (which inserts the cross-attention blocks and LoRA into
+  the Gemma it is given); the constructor only wires existing modules together.
+  """
+
+  def __init__(self, encoder: UserEncoder, perceiver: Optional[PerceiverResampler],
+               projector: Projector, gemma: Gemma3, *, mode: str = "xattn",
+               cfg: Optional[UserLLMConfig] = None):
+    if mode not in MODES:
+      raise ValueError(f"UserLLM: mode must be one of {MODES}, got {mode!r}")
+    if mode == "xattn" and not gemma.cfg.cross_attention_layers:
+      raise ValueError("UserLLM: mode='xattn' needs a Gemma with cross_attention_layers "
+                       "(use build_userllm, or GemmaConfig(cross_attention_layers=...))")
+    self.cfg = cfg or UserLLMConfig(mode=mode)
+    self.mode = mode
+    self.encoder = encoder
+    self.perceiver = perceiver
+    self.projector = projector
+    self.gemma = gemma
+
+  def embed_users(self, history_batch: Mapping[str, Any], *, deterministic: bool = True,
+                  rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """``(user_tokens_BxNxD, mask_BxN)`` at the LLM width D.
+
+    N = num_latents with the Perceiver (mask: True iff the user has any valid item),
+    else N = T (mask: the history mask).
+    """
+    batch, valid_BxT = history_inputs(history_batch)
+    item_emb_BxTxE, _ = self.encoder(batch, deterministic=deterministic, rng=rng)
+    if self.perceiver is not None:
+      tokens_BxNxE = self.perceiver(item_emb_BxTxE, valid_BxT)
+      any_B = jnp.any(valid_BxT, axis=1)
+      mask_BxN = jnp.broadcast_to(any_B[:, None], tokens_BxNxE.shape[:2])
+    else:
+      tokens_BxNxE, mask_BxN = item_emb_BxTxE, valid_BxT
+    user_BxNxD = self.projector(tokens_BxNxE)
+    user_BxNxD = jnp.where(mask_BxN[..., None], user_BxNxD, 0.0)
+    return user_BxNxD.astype(self.gemma.dtype), mask_BxN
+
+  def llm_inputs(self, history_batch: Mapping[str, Any], *, deterministic: bool = True,
+                 rng: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+    """The Gemma keyword arguments that carry the users: ``media_BxMxD``/``media_mask_BxM``
+    ('xattn') or ``prefix_embeds_BxPxD``/``prefix_mask_BxP`` ('soft_prompt').
+
+    For generation with a KV cache: pass the media on every step; pass the prefix only with
+    the prefill chunk (it is then in the cache).
+    """
+    user_BxNxD, mask_BxN = self.embed_users(history_batch, deterministic=deterministic, rng=rng)
+    if self.mode == "xattn":
+      return {"media_BxMxD": user_BxNxD, "media_mask_BxM": mask_BxN}
+    return {"prefix_embeds_BxPxD": user_BxNxD, "prefix_mask_BxP": mask_BxN}
+
+  def __call__(self, history_batch: Mapping[str, Any], tokens_BxL: jax.Array,
+               input_mask_BxL: Optional[jax.Array] = None, *,
+               positions_BxL: Optional[jax.Array] = None,
+               logits_positions: Optional[jax.Array] = None, return_hidden: bool = False,
+               deterministic: bool = True, rng: Optional[jax.Array] = None,
+               cache=None):
+    """Logits ``[B, L, V]`` over the prompt tokens (or ``[B, N, V]`` at ``logits_positions``).
+
+    ``cache`` (from ``self.gemma.init_cache``) makes it a prefill: returns ``(out, cache)``.
+    """
+    kw = self.llm_inputs(history_batch, deterministic=deterministic, rng=rng)
+    return self.gemma(tokens_BxL, positions_BxL=positions_BxL, input_mask_BxL=input_mask_BxL,
+                      logits_positions=logits_positions, return_hidden=return_hidden,
+                      cache=cache, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building.
+
+
+def add_cross_attention(gemma: Gemma3, layers: tuple[int, ...], *, rngs: nnx.Rngs,
+                        num_heads: int = 0, head_dim: int = 0, mlp_dim: int = 0) -> Gemma3:
+  """Inserts fresh gated cross-attention blocks (gates 0) after ``layers`` of ``gemma``, in place.
+
+  Built exactly as :class:`Gemma3` builds them from ``cfg.cross_attention_layers``; the
+  pretrained weights are untouched.  ``gemma.cfg`` is updated accordingly.
+  """
+  cfg = gemma.cfg
+  if cfg.cross_attention_layers:
+    if tuple(cfg.cross_attention_layers) != tuple(layers):
+      raise ValueError(f"add_cross_attention: gemma already has cross-attention after "
+                       f"{cfg.cross_attention_layers}, asked for {layers}")
+    return gemma
+  new_cfg = cfg.replace(cross_attention_layers=tuple(layers),
+                        xattn_num_heads=num_heads or cfg.xattn_num_heads,
+                        xattn_head_dim=head_dim or cfg.xattn_head_dim,
+                        xattn_mlp_dim=mlp_dim or cfg.xattn_mlp_dim)
+  for i in new_cfg.cross_attention_layers:
+    gemma.xattn[str(i)] = GatedCrossAttention(
+        embed_dim=new_cfg.embed_dim, media_dim=new_cfg.embed_dim,
+        num_heads=new_cfg.xattn_num_heads or new_cfg.num_heads,
+        head_dim=new_cfg.xattn_head_dim or new_cfg.head_dim,
+        mlp_dim=new_cfg.xattn_mlp_dim or new_cfg.mlp_dim, rngs=rngs,
+        dtype=jnp.dtype(new_cfg.dtype), param_dtype=jnp.dtype(new_cfg.param_dtype))
+  gemma.cfg = new_cfg
+  return gemma
+
+
+def build_userllm(cfg: UserLLMConfig, *, encoder: UserEncoder, gemma: Gemma3,
+                  rngs: nnx.Rngs) -> UserLLM:
+  """A UserLLM around a (pretrained) encoder and a (pretrained) Gemma.
+
+  ``gemma`` is modified in place: cross-attention blocks are added for ``mode='xattn'`` and
+  LoRA factors for ``strategy='lora'`` (both start as the identity, so at initialisation the
+  LLM part computes exactly what the pretrained Gemma computes).  The Perceiver and the
+  projector are freshly initialised from ``rngs``.
+  """
+  enc_dim = encoder.cfg.embed_dim
+  perceiver = None
+  width = enc_dim
+  if cfg.use_perceiver:
+    pcfg = cfg.perceiver_config(enc_dim)
+    perceiver = PerceiverResampler(pcfg, rngs=rngs)
+    width = pcfg.width
+  D = gemma.cfg.embed_dim
+  projector = Projector(width, cfg.projector_hidden_dim or D, D, rngs=rngs, dtype=cfg.dtype)
+  if cfg.mode == "xattn":
+    add_cross_attention(gemma, cfg.cross_attention_layers(gemma.cfg.num_layers), rngs=rngs,
+                        num_heads=cfg.xattn_num_heads, head_dim=cfg.xattn_head_dim,
+                        mlp_dim=cfg.xattn_mlp_dim)
+  lcfg = cfg.lora_config()
+  if lcfg is not None and gemma.cfg.lora is None:
+    apply_lora(gemma, lcfg, rngs=rngs)
+    gemma.cfg = gemma.cfg.replace(lora=lcfg)
+  return UserLLM(encoder, perceiver, projector, gemma, mode=cfg.mode, cfg=cfg)
+
+
+def init_userllm(cfg: UserLLMConfig, encoder_cfg: EncoderConfig, gemma_cfg: GemmaConfig, *,
+                 rngs: nnx.Rngs) -> UserLLM:
+  """A randomly initialised UserLLM from configs alone (tests; ``nnx.eval_shape`` for FLOPs)."""
+  encoder = UserEncoder(encoder_cfg, rngs=rngs)
+  gemma = Gemma3(gemma_cfg, rngs=rngs)
+  return build_userllm(cfg, encoder=encoder, gemma=gemma, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training strategies.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Under:
+  """nnx filter: the variable's path starts with one of ``prefixes`` (tuples of keys)."""
+  prefixes: tuple[tuple[str, ...], ...]
+
+  def __call__(self, path, x) -> bool:
+    keys = tuple(str(getattr(p, "key", p)) for p in path)
+    return any(keys[:len(pre)] == pre for pre in self.prefixes)
+
+
+_BRIDGE = (("perceiver",), ("projector",), ("gemma", "xattn"))
+
+
+def trainable_filter(strategy: str):
+  """The nnx filter of the parameters that train under ``strategy`` (see the module doc)."""
+  if strategy == "full":
+    return nnx.Param
+  if strategy == "enc":
+    return nnx.All(nnx.Param, _Under((("encoder",),) + _BRIDGE))
+  if strategy == "lora":
+    return nnx.All(nnx.Param, nnx.Any(_Under((("encoder",),) + _BRIDGE), LoRAParam))
+  if strategy == "proj":
+    return nnx.All(nnx.Param, _Under(_BRIDGE))
+  raise ValueError(f"trainable_filter: strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage-2 loss.
+
+
+def next_token_loss(model: UserLLM, batch: Mapping[str, Any], *, deterministic: bool = True,
+                    rng: Optional[jax.Array] = None,
+                    max_target_tokens: Optional[int] = None) -> tuple[jax.Array, dict]:
+  """Mean next-token cross-entropy over ``loss_mask`` (a :func:`data.tasks.tokenize_example` batch).
+
+  Needs ``tokens``, ``targets``, ``loss_mask``, ``input_mask`` [B, L] and the history keys.
+  With ``max_target_tokens`` (and ``prompt_len``) logits are computed only at the
+  ``max_target_tokens`` positions from ``prompt_len - 1`` on (where the loss lives), which
+  avoids a [B, L, V] logits tensor; the result is the same.
+  """
+  tokens = jnp.asarray(batch["tokens"])
+  targets = jnp.asarray(batch["targets"])
+  loss_mask = jnp.asarray(batch["loss_mask"]).astype(jnp.float32)
+  input_mask = jnp.asarray(batch["input_mask"]).astype(bool)
+  lp = None
+  if max_target_tokens is not None:
+    L = tokens.shape[1]
+    start_B = jnp.asarray(batch["prompt_len"]).astype(jnp.int32) - 1
+    lp = jnp.clip(start_B[:, None] + jnp.arange(max_target_tokens, dtype=jnp.int32), 0, L - 1)
+    in_range = (start_B[:, None] + jnp.arange(max_target_tokens)) < L
+    targets = jnp.take_along_axis(targets, lp, axis=1)
+    loss_mask = jnp.take_along_axis(loss_mask, lp, axis=1) * in_range
+  logits = model(batch, tokens, input_mask, logits_positions=lp, deterministic=deterministic,
+                 rng=rng)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  denom = jnp.maximum(loss_mask.sum(), 1.0)
+  loss = (nll * loss_mask).sum() / denom
+  acc = ((jnp.argmax(logits, -1) == targets) * loss_mask).sum() / denom
+  return loss, {"loss": loss, "token_accuracy": acc, "num_tokens": loss_mask.sum()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring a pretrained encoder.
+
+
+def _key_str(k) -> str:
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def load_encoder_from_checkpoint(ckpt_dir: str, encoder_cfg: EncoderConfig, *,
+                                 step: Optional[int] = None) -> UserEncoder:
+  """A :class:`UserEncoder` with the parameters of a stage-1 checkpoint.
+
+  ``ckpt_dir`` is a :class:`userllm_jax.train.checkpoint.Checkpointer` directory (the latest
+  step unless ``step``), or one step directory of it.  The saved train state's layout is not
+  assumed: the encoder's parameter tree is located inside the saved ``state`` item as the
+  (unique) sub-tree whose leaves have exactly the encoder's parameter paths and shapes.
+  Raises FileNotFoundError / ValueError naming the directory and the mismatch.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"load_encoder_from_checkpoint: no directory {ckpt_dir}")
+  if os.path.isdir(os.path.join(ckpt_dir, "state")):
+    state_dir = os.path.join(ckpt_dir, "state")
+  else:
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir)
+                   if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "state")))
+    if not steps:
+      raise FileNotFoundError(f"load_encoder_from_checkpoint: {ckpt_dir} holds no checkpoint "
+                              "step (expected <step>/state/ written by train/checkpoint.py)")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f"load_encoder_from_checkpoint: step {step} not in {ckpt_dir}; "
+                              f"steps: {steps}")
+    state_dir = os.path.join(ckpt_dir, str(step), "state")
+
+  encoder = UserEncoder(encoder_cfg, rngs=nnx.Rngs(0))
+  params = nnx.state(encoder, nnx.Param)
+  want = _flat(nnx.to_pure_dict(params))
+
+  ckptr = ocp.StandardCheckpointer()
+  meta = ckptr.metadata(state_dir)
+  meta_tree = getattr(meta, "item_metadata", None)
+  meta_tree = meta if meta_tree is None else meta_tree
+  meta_tree = getattr(meta_tree, "tree", meta_tree)
+  flat_meta = _flat(meta_tree)
+  # Candidate prefixes: every prefix of a saved path that ends right before an encoder path.
+  some_want = next(iter(want))
+  n = len(some_want)
+  prefixes = {p[:len(p) - n] for p in flat_meta if len(p) >= n and p[len(p) - n:] == some_want}
+  matches = [pre for pre in sorted(prefixes)
+             if all(pre + k in flat_meta and tuple(flat_meta[pre + k].shape) == tuple(v.shape)
+                    for k, v in want.items())]
+  if not matches:
+    raise ValueError(
+        f"load_encoder_from_checkpoint: {state_dir} holds no sub-tree matching the encoder "
+        f"config (looked for {len(want)} parameters such as {'/'.join(some_want)} "
+        f"{tuple(want[some_want].shape)}); is encoder_cfg the one the checkpoint was trained "
+        "with?")
+  if len(matches) > 1:
+    # e.g. the parameters and Adam's moments: prefer a path that is not optimizer state.
+    named = [m for m in matches
+             if not any(w in ("mu", "nu", "opt_state", "optimizer", "opt") for w in m)]
+    matches = named or matches
+  pre = matches[0]
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), meta_tree)
+  restored = _flat(ckptr.restore(state_dir, target))
+  pure = nnx.to_pure_dict(params)
+  for k, v in want.items():
+    node = pure
+    for key in k[:-1]:
+      node = node[key if key in node else int(key)]
+    last = k[-1] if k[-1] in node else int(k[-1])
+    node[last] = jnp.asarray(restored[pre + k], dtype=v.dtype)
+  nnx.replace_by_pure_dict(params, pure)
+  nnx.update(encoder, params)
+  return encoder
+
+
+def _flat(tree) -> dict[tuple[str, ...], Any]:
+  """{path of key strings (a trailing 'value' of nnx Variables dropped): leaf}."""
+  out = {}
+  for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = tuple(_key_str(k) for k in p)
+    if keys and keys[-1] == "value":
+      keys = keys[:-1]
+    out[keys] = v
+  return out
