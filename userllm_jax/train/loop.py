@@ -326,6 +326,7 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
                             if k in ("flops", "bytes accessed", "transcendentals")}}
         logging.info("compiled train step in %.1fs: %s", compile_stats["compile_s"],
                      {k: v for k, v in compile_stats.items() if k != "compile_s"})
+        last_log[:] = [time.time(), step]     # steps/s excludes the compile
 
       while step < total_steps:
         if first_batch is not None:
