@@ -217,3 +217,14 @@ def test_time_cutoff():
     sq.time_cutoff(seq, test_time=1000)
   with pytest.raises(ValueError, match="valid_time"):
     sq.time_cutoff(seq, test_time=5, valid_time=10)
+
+
+def test_flat_timegaps_match_per_user_reference():
+  rng = np.random.default_rng(4)
+  rows = [I(f"u{rng.integers(6)}", f"i{rng.integers(9)}",
+            int(rng.integers(0, 2**20))) for _ in range(200)]
+  seq = sq.build_sequences(rows)
+  for u in range(seq.num_users):
+    a = seq.user_arrays(u)
+    np.testing.assert_array_equal(a["timegap"], sq.timegap_ids(a["timestamp"]))
+    assert a["timegap"][0] == sq.TIMEGAP_FIRST

@@ -328,10 +328,16 @@ def build_sequences(interactions: Iterable[Interaction], *,
   offsets = np.zeros(user_order.size + 1, np.int64)
   np.cumsum(counts, out=offsets[1:])
   ts_N = ts[idx].copy()
+  # Gaps over the flat array at once; each user's first item gets FIRST
+  # (users are contiguous and chronological, so every other gap is >= 0).
   timegap_N = np.empty(idx.shape, np.int32)
-  for u in range(user_order.size):
-    a, b = offsets[u], offsets[u + 1]
-    timegap_N[a:b] = timegap_ids(ts_N[a:b])
+  timegap_N[0] = TIMEGAP_FIRST
+  if ts_N.size > 1:
+    gap = np.maximum(np.diff(ts_N), 0)
+    _, k = np.frexp(gap.astype(np.float64))
+    k = np.where(gap > 0, k, 0).astype(np.int64)
+    timegap_N[1:] = TIMEGAP_ZERO + np.minimum(k, NUM_GAP_LOG_BUCKETS)
+  timegap_N[offsets[:-1]] = TIMEGAP_FIRST
   user_strs = list(user_code)
   return SequenceData(
       users=[user_strs[c] for c in user_order.tolist()],
