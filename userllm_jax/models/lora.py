@@ -77,8 +77,9 @@ class Projection(nnx.Module):
     if len(axes) != len(shape):
       raise ValueError(f"Projection {name}: {len(axes)} axis names {tuple(axes)} for {shape}")
     self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype), logical_axes=tuple(axes))
-    self.lora_a: Optional[LoRAParam] = None
-    self.lora_b: Optional[LoRAParam] = None
+    # data attributes (pytree nodes) so LoRA factors can be added and removed later
+    self.lora_a: Optional[LoRAParam] = nnx.data(None)
+    self.lora_b: Optional[LoRAParam] = nnx.data(None)
     self.lora_scale: float = 0.0
 
   def _contract(self, x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
@@ -122,9 +123,9 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> int:
     n_in = len(proj.in_shape)
     fan_in = int(np.prod(proj.in_shape))
     a = jax.random.normal(rngs.params(), proj.in_shape + (cfg.rank,), dtype) / math.sqrt(fan_in)
-    proj.lora_a = LoRAParam(a, logical_axes=tuple(axes[:n_in]) + (None,))
-    proj.lora_b = LoRAParam(jnp.zeros((cfg.rank,) + proj.out_shape, dtype),
-                            logical_axes=(None,) + tuple(axes[n_in:]))
+    proj.lora_a = nnx.data(LoRAParam(a, logical_axes=tuple(axes[:n_in]) + (None,)))
+    proj.lora_b = nnx.data(LoRAParam(jnp.zeros((cfg.rank,) + proj.out_shape, dtype),
+                                     logical_axes=(None,) + tuple(axes[n_in:])))
     proj.lora_scale = cfg.scale
     count += 1
   if count == 0:
@@ -146,8 +147,8 @@ def merge_lora(model: nnx.Module) -> int:
     b = proj.lora_b[...].astype(jnp.float32)
     delta = jnp.tensordot(a, b, axes=1) * proj.lora_scale
     proj.kernel[...] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-    proj.lora_a = None
-    proj.lora_b = None
+    proj.lora_a = nnx.data(None)
+    proj.lora_b = nnx.data(None)
     proj.lora_scale = 0.0
     count += 1
   return count
