@@ -61,26 +61,31 @@ def main(argv):
           next(it)
         n_seq = n_tok = 0
         t0 = time.perf_counter()
+        c0 = time.process_time()
         for _ in range(FLAGS.num_batches):
           b = next(it)
           seg = b["segment_BxT"]
           n_tok += int((seg > 0).sum())
           n_seq += int(seg.max(axis=1).sum())
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - c0
         if hasattr(it, "close"):
           it.close()
         rows.append((length, users, "packed" if packing else "padded",
                      n_seq / dt, n_tok / dt,
                      n_tok / (FLAGS.num_batches * FLAGS.batch_size
-                              * FLAGS.max_len), prep_s))
+                              * FLAGS.max_len), prep_s, cpu / n_seq * 1e3))
   print(f"\nmax_len={FLAGS.max_len} batch_size={FLAGS.batch_size} "
         f"num_batches={FLAGS.num_batches} worker_count={FLAGS.worker_count} "
         f"record_options={FLAGS.record_options!r}")
   print(f"{'history':>8} {'users':>6} {'mode':>7} {'sequences/s':>12} "
-        f"{'interactions/s':>15} {'fill':>5} {'prepare_s':>9}")
-  for length, users, mode, sps, ips, fill, prep in rows:
+        f"{'interactions/s':>15} {'fill':>5} {'prepare_s':>9} "
+        f"{'cpu_ms/seq':>10}")
+  for length, users, mode, sps, ips, fill, prep, cms in rows:
     print(f"{length:>8,} {users:>6,} {mode:>7} {sps:>12,.0f} {ips:>15,.0f} "
-          f"{fill:>5.2f} {prep:>9.1f}")
+          f"{fill:>5.2f} {prep:>9.1f} {cms:>10.3f}")
+  print("cpu_ms/seq: CPU time of this process (all threads) per sequence; "
+        "with worker_count > 0 the workers' CPU is not included.")
   del np
 
 

@@ -12,6 +12,7 @@ Training (:func:`make_train_iterator`)::
     .to_iter_dataset()
     -> pad to max_len  |  FirstFitPackIterDataset (packing=True)
     .batch(batch_size, drop_remainder=True)
+    .map(genres gathered from item_genres for the whole batch; key names)
     [.mp_prefetch(worker_count)]
 
 Only one user record is read per example and the crop happens inside the map,
@@ -110,10 +111,11 @@ def pad_to(x: np.ndarray, length: int) -> np.ndarray:
   return out
 
 
-def pad_example(ex: dict, max_len: int) -> dict:
+def pad_example(ex: dict, max_len: int,
+                fields: Sequence[str] = SEQ_FIELDS) -> dict:
   """Pads an example at the end to ``max_len``; adds position and segment."""
   n = ex["item"].shape[0]
-  out = {k: pad_to(ex[k], max_len) for k in SEQ_FIELDS}
+  out = {k: pad_to(ex[k], max_len) for k in fields}
   out["position"] = pad_to(np.arange(n, dtype=np.int32), max_len)
   out["segment"] = pad_to(np.ones(n, np.int32), max_len)
   return out
@@ -200,6 +202,11 @@ def epoch_shuffle(ds, seed: int):
   return EpochPermutationMapDataset(ds, seed=seed)
 
 
+# Fields the training crop emits and the packer packs; genres are gathered
+# from item_genres once per batch (cheaper than packing [L, G] arrays).
+TRAIN_FIELDS = ("item", "rating", "timegap", "target_item", "target_rating")
+
+
 class _TrainCrop:
   """Picklable seeded random crop of a user's leave-one-out training part."""
 
@@ -210,7 +217,11 @@ class _TrainCrop:
   def __call__(self, rec: dict, rng: np.random.Generator) -> dict:
     n_train = rec["item"].shape[0] - 2  # Leave-one-out: drop valid + test.
     start, stop = random_window(n_train, self.max_len + 1, rng)
-    return next_item_example(rec, start, stop, self.item_genres)
+    item = np.asarray(rec["item"][start:stop], np.int32)
+    rating = np.asarray(rec["rating"][start:stop], np.int32)
+    return {"item": item[:-1], "rating": rating[:-1],
+            "timegap": np.asarray(rec["timegap"][start:stop - 1], np.int32),
+            "target_item": item[1:], "target_rating": rating[1:]}
 
 
 class _Pad:
@@ -218,18 +229,27 @@ class _Pad:
     self.max_len = max_len
 
   def __call__(self, ex: dict) -> dict:
-    return pad_example(ex, self.max_len)
+    return pad_example(ex, self.max_len, fields=TRAIN_FIELDS)
 
 
 def _from_packed(ex: dict) -> dict:
-  out = {k: np.asarray(ex[k], np.int32) for k in SEQ_FIELDS}
+  out = {k: np.asarray(ex[k], np.int32) for k in TRAIN_FIELDS}
   out["position"] = np.asarray(ex["item_positions"], np.int32)
   out["segment"] = np.asarray(ex["item_segment_ids"], np.int32)
   return out
 
 
-def _to_batch_keys(b: dict) -> dict:
-  return {batch_key(k): np.asarray(b[k], np.int32) for k in BATCH_FIELDS}
+class _ToBatch:
+  """Adds genre/target_genre (gathered per batch) and the batch key names."""
+
+  def __init__(self, item_genres: np.ndarray):
+    self.item_genres = item_genres
+
+  def __call__(self, b: dict) -> dict:
+    b = dict(b)
+    b["genre"] = self.item_genres[b["item"]]
+    b["target_genre"] = self.item_genres[b["target_item"]]
+    return {batch_key(k): np.asarray(b[k], np.int32) for k in BATCH_FIELDS}
 
 
 def train_users(prepared, min_train_items: int = 2) -> np.ndarray:
@@ -270,14 +290,14 @@ def make_train_dataset(prepared, *, max_len: int, batch_size: int, seed: int,
   it = ds.to_iter_dataset(read_options)
   if packing:
     it = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={k: max_len for k in SEQ_FIELDS},
+        it, length_struct={k: max_len for k in TRAIN_FIELDS},
         num_packing_bins=num_packing_bins or batch_size, seed=seed,
         shuffle_bins=True)
     it = it.map(_from_packed)
   else:
     it = it.map(_Pad(max_len))
   it = it.batch(batch_size, drop_remainder=True)
-  it = it.map(_to_batch_keys)
+  it = it.map(_ToBatch(prepared.item_genres))
   if worker_count > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():
