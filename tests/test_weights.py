@@ -85,20 +85,32 @@ def test_embedded_cache_is_complete_and_fast():
   assert hashlib.sha256(proto).hexdigest() == manifest["files"]["tokenizer.model"]["sha256"]
 
 
-def test_embedded_cache_rejects_corruption(tmp_path, monkeypatch):
-  """A truncated cached array is detected by the manifest size check."""
-  monkeypatch.setenv("USERLLM_CACHE", str(tmp_path))
-  target = embedded.cache_path()
-  src = pathlib.Path(os.path.expanduser("~/.cache/userllm_jax")) / embedded.NAME
-  if os.environ.get("USERLLM_CACHE_ORIG"):
-    src = pathlib.Path(os.environ["USERLLM_CACHE_ORIG"]) / embedded.NAME
-  if not (src / "manifest.json").exists():
-    pytest.skip("default cache not built")
-  # Copy only the manifest + tokenizer, and a truncated file list: must be judged invalid.
-  target.mkdir(parents=True)
-  (target / "manifest.json").write_text((src / "manifest.json").read_text())
-  with pytest.raises((OSError, ValueError)):
-    embedded._check_cache(target, verify=False)  # pylint: disable=protected-access
+def test_cache_build_is_atomic_and_detects_corruption(tmp_path):
+  """build_cache on a tiny GGUF: complete directory, no temp dirs left, and a truncated array,
+  a wrong source hash or a changed file are each detected."""
+  cfg = _tiny_cfg()
+  params = _random_params(cfg, seed=11)
+  _write_gguf(tmp_path / "m.gguf", cfg, params)
+  target = embedded.build_cache(tmp_path / "cache" / "m", gguf_path=str(tmp_path / "m.gguf"),
+                                verbose=False)
+  assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["m"]
+  manifest = json.loads((target / "manifest.json").read_text())
+  sha = manifest["source_sha256"]
+  embedded._check_cache(target, verify=True, expected_sha256=sha)  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.load(target / "params/layers.2.mlp.up_proj.kernel.npy"),
+                             params["layers.2.mlp.up_proj.kernel"], atol=1e-6)
+  with pytest.raises(ValueError, match="built from GGUF"):
+    embedded._check_cache(target, verify=False, expected_sha256="0" * 64)  # pylint: disable=protected-access
+  f = target / "params/final_norm.scale.npy"
+  data = bytearray(f.read_bytes())
+  data[-1] ^= 0xFF  # same size, different content: only the hash sees it
+  f.write_bytes(bytes(data))
+  embedded._check_cache(target, verify=False, expected_sha256=sha)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="final_norm.scale.npy: sha256"):
+    embedded._check_cache(target, verify=True, expected_sha256=sha)  # pylint: disable=protected-access
+  f.write_bytes(bytes(data[:-4]))
+  with pytest.raises(ValueError, match="final_norm.scale.npy: size"):
+    embedded._check_cache(target, verify=False, expected_sha256=sha)  # pylint: disable=protected-access
 
 
 def test_golden_logits(gemma270m):

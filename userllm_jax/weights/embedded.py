@@ -122,12 +122,14 @@ def _manifest_ok(target: pathlib.Path) -> bool:
     return False
 
 
-def _check_cache(target: pathlib.Path, *, verify: bool) -> dict[str, Any]:
+def _check_cache(target: pathlib.Path, *, verify: bool,
+                 expected_sha256: Optional[str] = None) -> dict[str, Any]:
+  """The manifest of a valid cache; raises OSError / ValueError naming what is wrong."""
   manifest = json.loads((target / "manifest.json").read_text())
   if manifest.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{target}/manifest.json: format_version {manifest.get('format_version')}, "
                      f"expected {FORMAT_VERSION}")
-  pkg_sha = getattr(_package(), "EXPECTED_SHA256", manifest["source_sha256"])
+  pkg_sha = expected_sha256 or _package().EXPECTED_SHA256
   if manifest["source_sha256"] != pkg_sha:
     raise ValueError(f"{target}: built from GGUF {manifest['source_sha256'][:12]}, the installed "
                      f"package has {pkg_sha[:12]}")
