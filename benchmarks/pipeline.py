@@ -32,6 +32,10 @@ flags.DEFINE_integer("interactions", 200_000, "Interactions per dataset "
                      "(users = interactions / L, at least 16).")
 flags.DEFINE_string("record_options", "group_size:1", "ArrayRecord options "
                     "of the prepared datasets.")
+flags.DEFINE_integer("read_threads", None, "grain.ReadOptions.num_threads "
+                     "(default: Grain's).")
+flags.DEFINE_integer("prefetch_buffer", 64, "grain.ReadOptions."
+                     "prefetch_buffer_size when --read_threads is set.")
 flags.DEFINE_list("lengths", ["50", "1000", "10000"], "History lengths L.")
 
 
@@ -40,6 +44,11 @@ def main(argv):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from userllm_jax.data import pipeline, records  # pylint: disable=g-import-not-at-top
 
+  import grain  # pylint: disable=g-import-not-at-top
+  read_options = None
+  if FLAGS.read_threads is not None:
+    read_options = grain.ReadOptions(num_threads=FLAGS.read_threads,
+                                     prefetch_buffer_size=FLAGS.prefetch_buffer)
   rows = []
   with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
     for length in [int(x) for x in FLAGS.lengths]:
@@ -56,7 +65,8 @@ def main(argv):
       for packing in (False, True):
         it = pipeline.make_train_iterator(
             ds, max_len=FLAGS.max_len, batch_size=FLAGS.batch_size, seed=0,
-            packing=packing, worker_count=FLAGS.worker_count)
+            packing=packing, worker_count=FLAGS.worker_count,
+            read_options=read_options)
         for _ in range(FLAGS.warmup_batches):
           next(it)
         n_seq = n_tok = 0
@@ -77,7 +87,7 @@ def main(argv):
                               * FLAGS.max_len), prep_s, cpu / n_seq * 1e3))
   print(f"\nmax_len={FLAGS.max_len} batch_size={FLAGS.batch_size} "
         f"num_batches={FLAGS.num_batches} worker_count={FLAGS.worker_count} "
-        f"record_options={FLAGS.record_options!r}")
+        f"record_options={FLAGS.record_options!r} read_options={read_options}")
   print(f"{'history':>8} {'users':>6} {'mode':>7} {'sequences/s':>12} "
         f"{'interactions/s':>15} {'fill':>5} {'prepare_s':>9} "
         f"{'cpu_ms/seq':>10}")
