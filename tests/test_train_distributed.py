@@ -107,3 +107,17 @@ def test_checkpoint_from_8_devices_restores_on_1_device(runs):
     assert len(leaf.sharding.device_set) == 1
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                res.state["params"], runs["one"]["params"])
+
+
+def test_maybe_initialize_arguments(monkeypatch):
+  from userllm_jax.train import distributed
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  assert distributed.maybe_initialize() is False          # single process: nothing to do
+  with pytest.raises(ValueError, match="without coordinator_address"):
+    distributed.maybe_initialize(num_processes=2, process_id=0)
+  with pytest.raises(ValueError, match="expected 'host:port'"):
+    distributed.maybe_initialize("127.0.0.1", 2, 0)
+  with pytest.raises(ValueError, match=r"process_id=2 not in \[0, 2\)"):
+    distributed.maybe_initialize("127.0.0.1:1234", 2, 2)
+  with pytest.raises(ValueError, match="give both num_processes and process_id"):
+    distributed.maybe_initialize("127.0.0.1:1234", 2, None)
