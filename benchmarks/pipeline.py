@@ -30,7 +30,8 @@ flags.DEFINE_integer("warmup_batches", 10, "Untimed batches first.")
 flags.DEFINE_integer("worker_count", 0, "mp_prefetch worker processes.")
 flags.DEFINE_integer("interactions", 200_000, "Interactions per dataset "
                      "(users = interactions / L, at least 16).")
-flags.DEFINE_string("record_options", "group_size:1", "ArrayRecord options "
+flags.DEFINE_string("record_options", "group_size:1,uncompressed",
+                    "ArrayRecord options "
                     "of the prepared datasets.")
 flags.DEFINE_integer("read_threads", None, "grain.ReadOptions.num_threads "
                      "(default: Grain's).")
