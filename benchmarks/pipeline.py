@@ -34,7 +34,7 @@ flags.DEFINE_string("record_options", "group_size:1,uncompressed",
                     "ArrayRecord options "
                     "of the prepared datasets.")
 flags.DEFINE_integer("read_threads", None, "grain.ReadOptions.num_threads "
-                     "(default: Grain's).")
+                     "(default: make_train_dataset's).")
 flags.DEFINE_integer("prefetch_buffer", 64, "grain.ReadOptions."
                      "prefetch_buffer_size when --read_threads is set.")
 flags.DEFINE_list("lengths", ["50", "1000", "10000"], "History lengths L.")
