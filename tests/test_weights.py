@@ -511,6 +511,11 @@ def test_assign_matches_model_tree_and_values():
   model = assign.build_model(cfg, flat)
   x = jnp.asarray([[5, 6, 7, 8, 9, 10, 11]])
   np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(ref(x)))
+  # LoRA factors are not in a pretrained checkpoint: freshly initialised (B = 0: no change).
+  from userllm_jax.models.lora import LoRAConfig
+  lora = assign.build_model(cfg.replace(lora=LoRAConfig(rank=2)), flat)
+  assert lora.layers[0].attn.q_proj.lora_a is not None
+  np.testing.assert_allclose(np.asarray(lora(x)), np.asarray(ref(x)), atol=1e-6)
 
 
 _SHARD_SCRIPT = textwrap.dedent("""
@@ -553,3 +558,19 @@ def test_sharded_placement_on_fake_mesh(tmp_path):
   assert "(64, 16)" in lines["EMB"]
   assert "fsdp" in lines["Q"] and "tensor" in lines["Q"], lines["Q"]
   assert float(lines["DIFF"]) < 1e-4
+
+
+def test_spec_checked_against_preset_and_made_into_config():
+  spec = {"vocab_size": 262_144, "num_layers": 18, "embed_dim": 640, "mlp_dim": 2048,
+          "num_heads": 4, "num_kv_heads": 1, "head_dim": 256, "sliding_window": 512,
+          "sliding_pattern": 6, "rope_base_global": 1e6, "rope_base_local": 1e4,
+          "max_seq_len": 32768, "norm_eps": 1e-6, "query_pre_attn_scalar": 256.0,
+          "attn_logit_softcap": None, "final_logit_softcap": None}
+  preset = gemma_lib.gemma3_270m()
+  assign.check_against_preset(spec, preset, source="x.gguf")
+  cfg = assign.make_config(spec, dtype="bfloat16")
+  assert cfg == preset.replace(dtype="bfloat16")
+  with pytest.raises(assign.WeightsError, match="sliding_window: preset 512, x.gguf 1024"):
+    assign.check_against_preset({**spec, "sliding_window": 1024}, preset, source="x.gguf")
+  with pytest.raises(assign.WeightsError, match="attn_logit_softcap"):
+    assign.make_config({**spec, "attn_logit_softcap": 50.0})
