@@ -261,6 +261,22 @@ def test_prefill_with_cache_matches_no_cache(mode):
   assert int(cache["index"]) == P + 5
 
 
+@pytest.mark.parametrize("mode", ["xattn", "soft_prompt"])
+def test_generate_first_token_is_the_argmax_of_the_forward(mode):
+  model, _ = _build(CFG.replace(mode=mode))
+  if mode == "xattn":
+    for blk in model.gemma.xattn.values():
+      blk.attn_gate[...] = jnp.asarray(0.8)
+  hist = _history()
+  tokens, _ = _tokens()
+  out = model.generate(hist, [list(map(int, row)) for row in tokens], max_new_tokens=2)
+  want = np.argmax(np.asarray(model(hist, tokens))[:, -1], axis=-1)
+  np.testing.assert_array_equal(out.tokens_BxN[:, 0], want)
+  beams = model.beam_search(hist, [list(map(int, row)) for row in tokens], num_beams=2,
+                            max_new_tokens=2)
+  assert beams is not None
+
+
 def test_load_encoder_from_checkpoint_round_trip(tmp_path):
   from userllm_jax.train.checkpoint import Checkpointer
   enc = UserEncoder(ENC, rngs=nnx.Rngs(7))

@@ -268,6 +268,25 @@ class UserLLM(nnx.Module):
                       cache=cache, **kw)
 
 
+  def generate(self, history_batch: Mapping[str, Any], prompts, *, eos_id: int = 1,
+               pad_id: int = 0, **kw):
+    """:meth:`models.sampler.Sampler.generate` on the LLM, conditioned on the users.
+
+    ``prompts``: token-id lists (``[BOS] + prompt``) or ``(tokens_BxL, mask_BxL)``, one per
+    history row; ``kw``: ``max_new_tokens``, ``temperature``, ``logits_processor`` ...
+    """
+    from userllm_jax.models.sampler import Sampler  # pylint: disable=g-import-not-at-top
+    return Sampler(self.gemma, eos_id=eos_id, pad_id=pad_id).generate(
+        prompts, **self.llm_inputs(history_batch), **kw)
+
+  def beam_search(self, history_batch: Mapping[str, Any], prompts, *, eos_id: int = 1,
+                  pad_id: int = 0, **kw):
+    """:meth:`models.sampler.Sampler.beam_search` conditioned on the users."""
+    from userllm_jax.models.sampler import Sampler  # pylint: disable=g-import-not-at-top
+    return Sampler(self.gemma, eos_id=eos_id, pad_id=pad_id).beam_search(
+        prompts, **self.llm_inputs(history_batch), **kw)
+
+
 # ---------------------------------------------------------------------------------------------
 # Building.
 
