@@ -35,10 +35,20 @@ def _full(graphdef, state, tokens, prefix=None, pmask=None, media=None):
                                     media_BxMxD=media)
 
 
+FULL_LEN = 24
+
+
 def full_logprobs(m, seq, **kw):
-  """log-softmax logits of the whole unpadded sequence [1, L] recomputed without cache."""
+  """log-softmax logits [len(seq), V] recomputed without cache and without padding masks.
+
+  The sequence is right-filled to FULL_LEN with token 0 (one compilation for every length):
+  with causal attention the trailing tokens cannot affect the earlier rows.
+  """
   graphdef, state = nnx.split(m)
-  return np.asarray(jax.nn.log_softmax(_full(graphdef, state, jnp.asarray(seq)[None], **kw)))[0]
+  padded = np.zeros((1, FULL_LEN), np.int32)
+  padded[0, :len(seq)] = seq
+  out = _full(graphdef, state, jnp.asarray(padded), **kw)
+  return np.asarray(jax.nn.log_softmax(out))[0, :len(seq)]
 
 
 PROMPTS = [[2, 5, 9, 11, 3, 17, 40], [2, 33], [2, 8, 8, 8, 1 + 20]]
@@ -62,16 +72,17 @@ def test_greedy_matches_full_recomputation():
 def test_padded_batch_equals_each_prompt_alone():
   m = _model()
   s = Sampler(m)
-  batch = s.generate(PROMPTS, max_new_tokens=6)
-  for i, p in enumerate(PROMPTS):
-    alone = s.generate([p], max_new_tokens=6)
+  batch = s.generate(PROMPTS, max_new_tokens=8)
+  for i in (1, 2):   # the padded ones
+    p = PROMPTS[i]
+    alone = s.generate([p], max_new_tokens=8)
     np.testing.assert_array_equal(batch.tokens_BxN[i], alone.tokens_BxN[0])
     np.testing.assert_allclose(batch.logprobs_BxN[i], alone.logprobs_BxN[0], atol=1e-5)
   # right-padded arrays are re-aligned: same result
-  toks, mask = np.zeros((3, 9), np.int32), np.zeros((3, 9), bool)
+  toks, mask = np.zeros((3, 7), np.int32), np.zeros((3, 7), bool)
   for i, p in enumerate(PROMPTS):
     toks[i, :len(p)], mask[i, :len(p)] = p, True
-  again = s.generate((toks, mask), max_new_tokens=6)
+  again = s.generate((toks, mask), max_new_tokens=8)
   np.testing.assert_array_equal(again.tokens_BxN, batch.tokens_BxN)
 
 
@@ -86,12 +97,12 @@ def test_pad_prompts_left_pads_and_rejects_empty():
 def test_beam_search_k1_equals_greedy_and_scores_are_logprobs():
   m = _model()
   s = Sampler(m, eos_id=1)
-  g = s.generate(PROMPTS, max_new_tokens=7)
-  b = s.beam_search(PROMPTS, num_beams=1, max_new_tokens=7)
+  g = s.generate(PROMPTS, max_new_tokens=8)
+  b = s.beam_search(PROMPTS, num_beams=1, max_new_tokens=8)
   np.testing.assert_array_equal(b.tokens_BxKxN[:, 0], g.tokens_BxN)
   np.testing.assert_allclose(b.logprobs_BxK[:, 0], g.logprobs_BxN.sum(1), atol=1e-4)
-  b4 = s.beam_search(PROMPTS, num_beams=4, max_new_tokens=7)
-  assert b4.tokens_BxKxN.shape == (3, 4, 7)
+  b4 = s.beam_search(PROMPTS, num_beams=4, max_new_tokens=8)
+  assert b4.tokens_BxKxN.shape == (3, 4, 8)
   for i, p in enumerate(PROMPTS):
     # scores sorted, best >= greedy, distinct sequences, scores = recomputed log-probs
     assert np.all(np.diff(b4.scores_BxK[i]) <= 1e-6)
@@ -139,34 +150,36 @@ def test_stop_tokens_and_processor_hook():
     target = jnp.where(step == 0, 30, jnp.where(step == 1, 31, 50))
     return jnp.arange(V)[None] == target[:, None]   # boolean allowed-token mask
 
-  out = s.generate(PROMPTS, max_new_tokens=6, stop_tokens=[50], logits_processor=force)
-  np.testing.assert_array_equal(out.tokens_BxN, [[30, 31, 50, 0, 0, 0]] * 3)
+  out = s.generate(PROMPTS, max_new_tokens=8, stop_tokens=[50], logits_processor=force)
+  np.testing.assert_array_equal(out.tokens_BxN, [[30, 31, 50, 0, 0, 0, 0, 0]] * 3)
   np.testing.assert_array_equal(out.lengths_B, [3, 3, 3])
   assert out.finished_B.all()
   # eos also stops; beams respect stops and the processor too
-  b = s.beam_search(PROMPTS[:1], num_beams=2, max_new_tokens=6, stop_tokens=[50],
+  b = s.beam_search(PROMPTS, num_beams=2, max_new_tokens=8, stop_tokens=[50],
                     logits_processor=force)
-  np.testing.assert_array_equal(b.tokens_BxKxN[0, 0], [30, 31, 50, 0, 0, 0])
-  assert b.finished_BxK[0, 0] and b.lengths_BxK[0, 0] == 3
+  np.testing.assert_array_equal(b.tokens_BxKxN[:, 0], [[30, 31, 50, 0, 0, 0, 0, 0]] * 3)
+  assert b.finished_BxK[:, 0].all() and (b.lengths_BxK[:, 0] == 3).all()
 
 
 def test_sampling_settings():
   m = _model()
   s = Sampler(m)
-  g = s.generate(PROMPTS, max_new_tokens=5)
+  g = s.generate(PROMPTS, max_new_tokens=8)
   with pytest.raises(ValueError, match="rng"):
-    s.generate(PROMPTS, max_new_tokens=5, temperature=1.0)
+    s.generate(PROMPTS, max_new_tokens=8, temperature=1.0)
   k = jax.random.key(3)
   # top_k=1 and a tiny top_p are greedy whatever the temperature
   np.testing.assert_array_equal(
-      s.generate(PROMPTS, max_new_tokens=5, temperature=2.0, top_k=1, rng=k).tokens_BxN,
+      s.generate(PROMPTS, max_new_tokens=8, temperature=2.0, top_k=1, rng=k).tokens_BxN,
       g.tokens_BxN)
   np.testing.assert_array_equal(
-      s.generate(PROMPTS, max_new_tokens=5, temperature=2.0, top_p=1e-6, rng=k).tokens_BxN,
+      s.generate(PROMPTS, max_new_tokens=8, temperature=2.0, top_p=1e-6, rng=k).tokens_BxN,
       g.tokens_BxN)
-  a = s.generate(PROMPTS, max_new_tokens=5, temperature=1.0, rng=k).tokens_BxN
-  np.testing.assert_array_equal(a, s.generate(PROMPTS, max_new_tokens=5, temperature=1.0,
+  a = s.generate(PROMPTS, max_new_tokens=8, temperature=1.0, rng=k).tokens_BxN
+  np.testing.assert_array_equal(a, s.generate(PROMPTS, max_new_tokens=8, temperature=1.0,
                                               rng=k).tokens_BxN)
+  assert np.any(a != s.generate(PROMPTS, max_new_tokens=8, temperature=1.0,
+                                rng=jax.random.key(4)).tokens_BxN)
 
 
 def test_sampling_distribution_first_token():
@@ -190,7 +203,7 @@ def test_sampling_distribution_first_token():
   pr = np.exp(lp)
   order = np.argsort(-pr)
   cut = int(np.searchsorted(np.cumsum(pr[order]), 0.5) + 1)
-  out = s.generate([p] * 500, max_new_tokens=1, temperature=1.0, top_p=0.5,
+  out = s.generate([p] * n, max_new_tokens=1, temperature=1.0, top_p=0.5,
                    rng=jax.random.key(2))
   assert set(out.tokens_BxN[:, 0]) <= set(order[:cut])
 

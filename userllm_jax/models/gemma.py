@@ -175,7 +175,9 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, base: float,
 class Embedder(nnx.Module):
 
   def __init__(self, vocab_size: int, embed_dim: int, *, rngs: nnx.Rngs, param_dtype):
-    init = jax.nn.initializers.normal(stddev=1.0)
+    # std 1/sqrt(D): after the sqrt(D) input scaling the embeddings are O(1), and tied
+    # logits of a random model are O(1) (not peaked on the input token).
+    init = jax.nn.initializers.normal(stddev=embed_dim ** -0.5)
     self.input_embedding = nnx.Param(init(rngs.params(), (vocab_size, embed_dim), param_dtype),
                                      logical_axes=("vocab", "embed"))
 

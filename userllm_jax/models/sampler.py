@@ -100,16 +100,23 @@ def _apply_processor(processor, tokens_so_far, logits):
   return out.astype(jnp.float32)
 
 
-def _select(logits_BxV, key, temperature: float, top_k: int, top_p: float):
-  """Greedy when temperature == 0, else temperature / top-k / top-p sampling."""
-  if temperature == 0.0:
+def _select(logits_BxV, key, sample: bool, use_top_k: bool, use_top_p: bool, temperature,
+            top_k, top_p):
+  """Greedy (``sample=False``), else temperature / top-k / top-p sampling.
+
+  The flags are static (they change the program); the values are traced, so changing the
+  temperature or k does not recompile.  Ties at the top-k / top-p threshold are kept.
+  """
+  if not sample:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits = logits_BxV / temperature
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, _NEG, logits)
-  if top_p < 1.0:
+  if use_top_k or use_top_p:
     sorted_desc = -jnp.sort(-logits, axis=-1)
+  if use_top_k:
+    kth = jax.lax.dynamic_index_in_dim(sorted_desc, top_k - 1, axis=1, keepdims=True)
+    logits = jnp.where(logits < kth, _NEG, logits)
+    sorted_desc = jnp.where(sorted_desc < kth, _NEG, sorted_desc)
+  if use_top_p:
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs   # mass strictly above each token
     keep = before < top_p                          # the first token is always kept
@@ -129,9 +136,11 @@ def _prefill(model, tokens, mask, prefix, pmask, media, mmask, max_new):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "graphdef", "max_new", "temperature", "top_k", "top_p", "stop_ids", "pad_id", "processor"))
-def _generate_jit(graphdef, state, tokens, mask, prefix, pmask, media, mmask, rng, *, max_new,
-                  temperature, top_k, top_p, stop_ids, pad_id, processor):
+    "graphdef", "max_new", "sample", "use_top_k", "use_top_p", "stop_ids", "pad_id",
+    "processor"))
+def _generate_jit(graphdef, state, tokens, mask, prefix, pmask, media, mmask, rng, temperature,
+                  top_k, top_p, *, max_new, sample, use_top_k, use_top_p, stop_ids, pad_id,
+                  processor):
   model = nnx.merge(graphdef, state)
   B = tokens.shape[0]
   logits, cache = _prefill(model, tokens, mask, prefix, pmask, media, mmask, max_new)
@@ -144,7 +153,8 @@ def _generate_jit(graphdef, state, tokens, mask, prefix, pmask, media, mmask, rn
   def body(c):
     step, cache, logits, out, logp_out, done = c
     logits = _apply_processor(processor, out, logits)
-    tok = _select(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+    tok = _select(logits, jax.random.fold_in(rng, step), sample, use_top_k, use_top_p,
+                  temperature, top_k, top_p)
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], 1)[:, 0]
     tok = jnp.where(done, pad_id, tok)
     lp = jnp.where(done, 0.0, lp)
@@ -309,7 +319,8 @@ class Sampler:
     """
     if max_new_tokens < 1:
       raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+    vocab = self.model.cfg.vocab_size
+    if temperature < 0 or not 0.0 < top_p <= 1.0 or not 0 <= top_k <= vocab:
       raise ValueError(f"generate: bad sampling settings temperature={temperature}, "
                        f"top_k={top_k}, top_p={top_p}")
     if temperature > 0 and rng is None:
@@ -320,9 +331,9 @@ class Sampler:
                         media_mask_BxM)
     graphdef, state = nnx.split(self.model)
     out, lengths, logp, done = _generate_jit(
-        graphdef, state, *args, rng, max_new=int(max_new_tokens),
-        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-        stop_ids=self._stop_ids(stop_tokens), pad_id=self.pad_id, processor=logits_processor)
+        graphdef, state, *args, rng, jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k),
+        jnp.float32(top_p), max_new=int(max_new_tokens), sample=temperature > 0,
+        use_top_k=top_k > 0, use_top_p=top_p < 1.0, stop_ids=self._stop_ids(stop_tokens), pad_id=self.pad_id, processor=logits_processor)
     return GenerateOutput(np.asarray(out), np.asarray(lengths), np.asarray(logp),
                           np.asarray(done))
 
