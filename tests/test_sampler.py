@@ -233,3 +233,20 @@ def test_soft_prompt_and_media_in_generation():
   b = s.beam_search([p], num_beams=1, max_new_tokens=6, prefix_embeds_BxPxD=prefix,
                     media_BxMxD=media)
   np.testing.assert_array_equal(b.tokens_BxKxN[0, 0], ref.tokens_BxN[0])
+
+
+def test_dead_end_processor_gives_impossible_beams():
+  """A processor that allows nothing after the first token must not yield finite scores."""
+  m = _model()
+
+  def dead_end(toks, logits):
+    step = jnp.sum(toks >= 0, axis=1)
+    allowed = (step == 0)[:, None] & (jnp.arange(V)[None] < 3)
+    return jnp.broadcast_to(allowed, logits.shape)
+
+  b = Sampler(m, eos_id=1).beam_search(PROMPTS, num_beams=2, max_new_tokens=8,
+                                       logits_processor=dead_end)
+  # only the eos-terminated single-token hypothesis (token 1 allowed at step 0) is possible
+  np.testing.assert_array_equal(b.tokens_BxKxN[:, 0, :2], [[1, 0]] * 3)
+  assert b.finished_BxK[:, 0].all() and np.all(b.scores_BxK[:, 0] > -1e3)
+  assert np.all(b.scores_BxK[:, 1] < -1e29)

@@ -156,6 +156,8 @@ def _generate_jit(graphdef, state, tokens, mask, prefix, pmask, media, mmask, rn
     tok = _select(logits, jax.random.fold_in(rng, step), sample, use_top_k, use_top_p,
                   temperature, top_k, top_p)
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], 1)[:, 0]
+    chosen = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0]
+    lp = jnp.where(chosen <= _NEG / 2, _NEG, lp)   # the processor allowed nothing
     tok = jnp.where(done, pad_id, tok)
     lp = jnp.where(done, 0.0, lp)
     out = out.at[:, step].set(tok)
@@ -219,7 +221,10 @@ def _beam_jit(graphdef, state, tokens, mask, prefix, pmask, media, mmask, *, num
     step, cache, logits, alive_tok, alive_raw, fin_tok, fin_score, fin_raw, fin_len = c
     V = logits.shape[-1]
     logits = _apply_processor(processor, alive_tok.reshape(B * K, N), logits)
-    logp = jax.nn.log_softmax(logits, axis=-1).reshape(B, K, V)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    # disallowed tokens (and rows where the processor allows nothing) are impossible, not
+    # uniform: a fully masked row would otherwise get log(1/V) everywhere
+    logp = jnp.where(logits <= _NEG / 2, _NEG, logp).reshape(B, K, V)
     cand = (alive_raw[:, :, None] + logp).reshape(B, K * V)
     vals, idx = jax.lax.top_k(cand, 2 * K)                      # [B, 2K]
     parent, tok = idx // V, (idx % V).astype(jnp.int32)
