@@ -7,8 +7,6 @@
 * The embedded 270M GGUF through transformers' GGUF loader vs ours (slow: ~2 min here).
 """
 
-import json
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
