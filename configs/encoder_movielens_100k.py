@@ -69,7 +69,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       item_softmax="full", num_negatives=1024, genre_weight=0.1, rating_weight=0.1))
 
   c.train = ml_collections.ConfigDict(dict(
-      steps=1200, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.0,
+      steps=400, batch_size=128, lr=1e-3, warmup_steps=50, weight_decay=0.0,
       grad_clip=1.0, grad_accum=1, dtype="float32", remat=False, ckpt_every=0, keep=1,
       log_every=50, eval_every=0, min_lr_ratio=0.1))
 

@@ -41,6 +41,11 @@ def _batch(B=2, T=8, G=3, seed=0, num_items=30, lengths=None):
   return {k: np.asarray(v, np.int32) for k, v in b.items()}
 
 
+def _loss(model, batch, key, cfg):
+  """Jitted pretrain_loss (eager dispatch is slow on a shared 2-core CPU)."""
+  return nnx.jit(lambda m, b, k: enc.pretrain_loss(m, b, k, cfg))(model, batch, key)
+
+
 def _forward(model, batch):
   graphdef, state = nnx.split(model)
 
@@ -271,20 +276,20 @@ def test_pretrain_loss_masking_and_modes():
   b = _batch(lengths=[8, 4])
   b["target_item_BxT"][0, 6:] = 0  # no target at the last two positions of user 0
   key = jax.random.key(0)
-  loss, metrics = enc.pretrain_loss(model, b, key, dict(item_softmax="full"))
+  loss, metrics = _loss(model, b, key, dict(item_softmax="full"))
   assert float(metrics["num_targets"]) == 6 + 4
-  h, _ = model(b)
+  h, _ = _forward(model, b)
   tgt = b["target_item_BxT"].reshape(-1)
   m = tgt >= 2
   logits = np.asarray(h).reshape(16, -1) @ np.asarray(model.item_embedding[...]).T
   lp = _np_log_softmax(logits[:, 2:].astype(np.float64))
   want = -lp[np.arange(16), np.maximum(tgt - 2, 0)][m].mean()
   np.testing.assert_allclose(loss, want, rtol=1e-5)
-  full_feats, mf = enc.pretrain_loss(model, b, key, dict(genre_weight=0.5, rating_weight=0.25))
+  full_feats, mf = _loss(model, b, key, dict(genre_weight=0.5, rating_weight=0.25))
   np.testing.assert_allclose(
       full_feats, mf["item_loss"] + 0.5 * mf["genre_loss"] + 0.25 * mf["rating_loss"], rtol=1e-6)
   for mode in ("sampled", "in_batch"):
-    l, mm = enc.pretrain_loss(model, b, key, dict(item_softmax=mode, num_negatives=16))
+    l, mm = _loss(model, b, key, dict(item_softmax=mode, num_negatives=16))
     assert np.isfinite(float(l)) and "item_acc" in mm
   with pytest.raises(ValueError, match="item_softmax"):
     enc.pretrain_loss(model, b, key, dict(item_softmax="nce"))
@@ -298,8 +303,9 @@ def test_dropout_remat_dtype_and_untied_output():
   b = _batch()
   with pytest.raises(ValueError, match="rng"):
     model(b, deterministic=False)
-  h_det, _ = model(b)
-  h_drop, _ = model(b, deterministic=False, rng=jax.random.key(1))
+  h_det, _ = _forward(model, b)
+  h_drop, _ = nnx.jit(lambda m, bb, k: m(bb, deterministic=False, rng=k))(
+      model, b, jax.random.key(1))
   assert np.abs(np.asarray(h_det - h_drop)).max() > 1e-3
   # remat: same values and gradients.
   remat_model = enc.UserEncoder(_cfg(dropout=0.3, remat=True), rngs=nnx.Rngs(0))
@@ -310,12 +316,12 @@ def test_dropout_remat_dtype_and_untied_output():
     np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
   # bf16 compute stays close to f32.
   bf = enc.UserEncoder(_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0))
-  h_bf, _ = bf(b)
+  h_bf, _ = _forward(bf, b)
   assert h_bf.dtype == jnp.float32
   np.testing.assert_allclose(h_bf, h_det, atol=0.1)
   untied = enc.UserEncoder(_cfg(tie_output=False), rngs=nnx.Rngs(0))
   assert untied.output_table().shape == (30, 16)
-  s = enc.score_items(untied, b)
+  s = nnx.jit(enc.score_items)(untied, b)
   assert s.shape == (2, 30) and np.all(np.isneginf(np.asarray(s[:, :2])))
 
 
