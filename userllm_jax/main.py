@@ -23,6 +23,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from userllm_jax.jobs import JOBS
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
@@ -34,10 +36,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-JOBS = {
-    "encoder": "userllm_jax.jobs.encoder_job",
-    "userllm": "userllm_jax.jobs.userllm_job",
-}
 
 
 def main(argv):
