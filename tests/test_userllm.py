@@ -244,6 +244,13 @@ def test_next_token_loss_at_target_positions_equals_full_logits_loss():
       - logits.max(-1, keepdims=True)
   nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(float(full), (nll * loss_mask).sum() / loss_mask.sum(), rtol=1e-5)
+  # data/tasks.py's shape-suffixed keys give the same loss.
+  suffixed = dict(_history(), tokens_BxL=tokens, targets_BxL=targets, loss_mask_BxL=loss_mask,
+                  input_mask_BxL=np.ones((B, L), np.int32), prompt_len_B=prompt_len)
+  part2, _ = next_token_loss(model, suffixed, max_target_tokens=Tt)
+  assert float(part2) == float(part)
+  with pytest.raises(KeyError, match="tokens_BxL"):
+    next_token_loss(model, dict(_history()))
 
 
 @pytest.mark.parametrize("mode", ["xattn", "soft_prompt"])

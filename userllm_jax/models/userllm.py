@@ -395,19 +395,28 @@ def next_token_loss(model: UserLLM, batch: Mapping[str, Any], *, deterministic: 
                     max_target_tokens: Optional[int] = None) -> tuple[jax.Array, dict]:
   """Mean next-token cross-entropy over ``loss_mask`` (a :func:`data.tasks.tokenize_example` batch).
 
-  Needs ``tokens``, ``targets``, ``loss_mask``, ``input_mask`` [B, L] and the history keys.
+  Needs ``tokens_BxL``, ``targets_BxL``, ``loss_mask_BxL``, ``input_mask_BxL`` (or the same
+  names without the shape suffix) and the history keys.
   With ``max_target_tokens`` (and ``prompt_len``) logits are computed only at the
   ``max_target_tokens`` positions from ``prompt_len - 1`` on (where the loss lives), which
   avoids a [B, L, V] logits tensor; the result is the same.
   """
-  tokens = jnp.asarray(batch["tokens"])
-  targets = jnp.asarray(batch["targets"])
-  loss_mask = jnp.asarray(batch["loss_mask"]).astype(jnp.float32)
-  input_mask = jnp.asarray(batch["input_mask"]).astype(bool)
+  def get(name: str, suffix: str):
+    # data/tasks.py batches name their shapes (tokens_BxL); plain names are accepted too.
+    for key in (name + suffix, name):
+      if key in batch:
+        return batch[key]
+    raise KeyError(f"next_token_loss: batch has neither {name + suffix!r} nor {name!r}; "
+                   f"keys: {sorted(batch)}")
+
+  tokens = jnp.asarray(get("tokens", "_BxL"))
+  targets = jnp.asarray(get("targets", "_BxL"))
+  loss_mask = jnp.asarray(get("loss_mask", "_BxL")).astype(jnp.float32)
+  input_mask = jnp.asarray(get("input_mask", "_BxL")).astype(bool)
   lp = None
   if max_target_tokens is not None:
     L = tokens.shape[1]
-    start_B = jnp.asarray(batch["prompt_len"]).astype(jnp.int32) - 1
+    start_B = jnp.asarray(get("prompt_len", "_B")).astype(jnp.int32) - 1
     lp = jnp.clip(start_B[:, None] + jnp.arange(max_target_tokens, dtype=jnp.int32), 0, L - 1)
     in_range = (start_B[:, None] + jnp.arange(max_target_tokens)) < L
     targets = jnp.take_along_axis(targets, lp, axis=1)
