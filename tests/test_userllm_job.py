@@ -86,3 +86,26 @@ def test_job_end_to_end_learns_favourite_genre(tmp_path):
   assert m["recall@1"] <= m["recall@4"]
   assert {r["history_len"] for r in res["sweep"]["userllm_soft_prompt"]} == {4, 12}
   assert m["gflops_per_example"] > 0 and m["prompt_tokens"] > 0
+
+
+def test_job_runs_all_three_methods_on_the_same_users(tmp_path):
+  """Cross-attention, soft prompt and TP run through the job; TP pays for the history in tokens."""
+  from userllm_jax.jobs import userllm_job
+  cfg = tiny_config(methods=("userllm_xattn", "userllm_soft_prompt", "tp_lora"), steps=3)
+  cfg.tasks.num_test_users = 8
+  cfg.tasks.history_lengths = (12,)
+  cfg.encoder_train.steps = 10
+  cfg.eval.batch_size = 8
+  res = userllm_job.run(cfg, str(tmp_path))
+  methods = res["methods"]
+  assert set(methods) == {"userllm_xattn", "userllm_soft_prompt", "tp_lora"}
+  for name, m in methods.items():
+    assert np.isfinite(m["train"]["final_loss"]), (name, m["train"])
+    assert 0.0 <= m["genre_accuracy"] <= 1.0 and 0.0 <= m["recall@1"] <= m["recall@4"] <= 1.0
+    assert m["next_item_catalogue_beams"] == 1.0, name
+  # The text prompt carries the history; the User-LLM prompt does not.
+  tp, xattn = methods["tp_lora"], methods["userllm_xattn"]
+  assert tp["prompt_tokens"] > 2 * xattn["prompt_tokens"], (tp["prompt_tokens"],
+                                                            xattn["prompt_tokens"])
+  assert tp["gflops_per_example"] > xattn["gflops_per_example"]
+  assert json.loads((tmp_path / "results.json").read_text())["table"] == res["table"]
