@@ -291,6 +291,13 @@ class MissingItems:
     self.rows += 1
     self.items[item] += 1
 
+  def features(self, meta: Optional[tuple], item: str) -> tuple:
+    """``(title, genres)`` from an item-table lookup; counts the item when absent."""
+    if meta is None:
+      self.add(item)
+      return None, ()
+    return meta
+
   def finish(self, report: ReadReport) -> None:
     if not self.rows:
       return

@@ -229,12 +229,7 @@ def read_amazon(source: Source, *, version: str, report: ReadReport,
     except _io.RowError as e:
       report.bad(str(reviews), lineno, str(e), e.kind)
       continue
-    meta = items.get(item)
-    if meta is None:
-      missing.add(item)
-      title, genres = None, ()
-    else:
-      title, genres = meta
+    title, genres = missing.features(items.get(item), item)
     report.ok()
     yield Interaction(user=user, item=item, timestamp=ts, rating=rating,
                       title=title, genres=genres, review=review)

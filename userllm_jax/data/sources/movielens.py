@@ -74,12 +74,7 @@ def _read_ratings(path: pathlib.Path, lines, split, names: str,
       if row is None:
         continue
       user, item, rating, ts = row
-    meta = get(item)
-    if meta is None:
-      missing.add(item)
-      title, genres = None, ()
-    else:
-      title, genres = meta
+    title, genres = missing.features(get(item), item)
     report.ok()
     yield Interaction(user, item, ts, rating, title, genres)
   missing.finish(report)
