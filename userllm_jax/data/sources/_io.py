@@ -147,8 +147,19 @@ def parse_number(value: Any, field: str) -> float:
   return x
 
 
+MAX_RATING = 100.0
+
+
 def parse_rating(value: Any, field: str = "rating") -> float:
-  return parse_number(value, field)
+  """A rating: a finite number in [0, MAX_RATING] (covers 1-5, 1-10 and 0-100 scales).
+
+  A negative or astronomically large value is a corrupted field, not a rating.
+  """
+  x = parse_number(value, field)
+  if not 0.0 <= x <= MAX_RATING:
+    raise RowError(f"{field}: rating out of range [0, {MAX_RATING:g}]: {value!r:.40}",
+                   "bad_number")
+  return x
 
 
 def parse_seconds(value: Any, field: str = "timestamp", *,
