@@ -172,19 +172,29 @@ def run(args):
 
   @jax.jit
   def ranks(params, batch):
+    """Ranks with already-seen items excluded and with them left in (RecBole's protocol)."""
     m = nnx.merge(graphdef, params)
     _, user = m(batch, deterministic=True)
-    return ranking.ranks_from_embeddings(user, m.output_table(), batch["target_item_B"],
-                                         batch["seen_BxS"] if args.exclude_seen else None)
+    table = m.output_table()
+    return (ranking.ranks_from_embeddings(user, table, batch["target_item_B"], batch["seen_BxS"]),
+            ranking.ranks_from_embeddings(user, table, batch["target_item_B"], None))
 
   evals = {s: eval_arrays(seqs, cfg.max_len, s) for s in ("valid", "test")}
 
   def evaluate(params, split):
+    """Metrics with seen items excluded (``--exclude_seen=1``) or not; the other protocol's
+    metrics are added with the suffix ``_all`` (seen kept) or ``_excl`` (seen excluded)."""
     a = evals[split]
-    acc = ranking.RankingAccumulator((1, 5, 10, 20))
+    excl = ranking.RankingAccumulator((1, 5, 10, 20))
+    keep = ranking.RankingAccumulator((1, 5, 10, 20))
     for i in range(0, len(seqs), 512):
-      acc.add(ranks(params, {k: v[i:i + 512] for k, v in a.items()}))
-    return acc.result()
+      r_excl, r_all = ranks(params, {k: v[i:i + 512] for k, v in a.items()})
+      excl.add(r_excl)
+      keep.add(r_all)
+    main, other, suffix = ((excl, keep, "_all") if args.exclude_seen else (keep, excl, "_excl"))
+    out = dict(main.result())
+    out.update({k + suffix: v for k, v in other.result().items()})
+    return out
 
   it = train_batches(seqs, cfg.max_len, args.batch_size, args.seed)
   key = jax.random.key(args.seed)
@@ -195,9 +205,11 @@ def run(args):
     if s % args.eval_every == 0 or s == args.steps:
       v = evaluate(params, "valid")
       t = evaluate(params, "test")
+      o = "_all" if args.exclude_seen else "_excl"
       print(f"step {s} loss {float(metrics['loss']):.4f} valid hr@10 {v['hr@10']:.4f} "
             f"ndcg@10 {v['ndcg@10']:.4f} | test hr@10 {t['hr@10']:.4f} ndcg@10 "
-            f"{t['ndcg@10']:.4f}  ({time.time() - t_train:.0f}s)", flush=True)
+            f"{t['ndcg@10']:.4f} | test{o} hr@10 {t['hr@10' + o]:.4f} ndcg@10 "
+            f"{t['ndcg@10' + o]:.4f}  ({time.time() - t_train:.0f}s)", flush=True)
       if v["ndcg@10"] > best[0]:
         best = (v["ndcg@10"], v, t, s)
   train_s = time.time() - t_train

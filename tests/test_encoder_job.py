@@ -36,8 +36,9 @@ def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
   return c
 
 
-def _reference_ranks(model, prepared, split):
-  """Brute force: score every item with score_items, drop seen items, count the better ones."""
+def _reference_ranks(model, prepared, split, exclude_seen=True):
+  """Brute force: score every item with score_items, drop seen items (``exclude_seen``),
+  count the better ones."""
   from userllm_jax.data import pipeline
   batches = pipeline.make_eval_batches(prepared, split, max_len=10, batch_size=64)
   ranks = []
@@ -50,7 +51,8 @@ def _reference_ranks(model, prepared, split):
       t = int(batch["target_item_B"][r])
       cand = np.ones_like(s, bool)
       cand[:2] = False
-      cand[batches.seen_items(int(batch["user_index_B"][r]))] = False
+      if exclude_seen:
+        cand[batches.seen_items(int(batch["user_index_B"][r]))] = False
       cand[t] = False
       ranks.append(1 + int(np.sum(cand & (s >= s[t]))))
   return np.asarray(ranks)
@@ -77,6 +79,13 @@ def test_encoder_job_end_to_end_and_resume(tmp_path):
     assert ref.size == 48
     assert m["hr@10"] == np.mean(ref <= 10)
     np.testing.assert_allclose(m["mrr"], np.mean(1.0 / ref), rtol=1e-6)
+    # the same ranking with already-seen items left in (RecBole's protocol), reported beside it
+    kept = saved[split]["model_seen_kept"]
+    ref_kept = _reference_ranks(model, prepared, split, exclude_seen=False)
+    assert np.all(ref_kept >= ref) and np.any(ref_kept > ref)
+    assert kept["hr@10"] == np.mean(ref_kept <= 10)
+    np.testing.assert_allclose(kept["mrr"], np.mean(1.0 / ref_kept), rtol=1e-6)
+    assert saved[split]["popularity_seen_kept"]["mrr"] <= pop["mrr"]
 
   # rerun in the same workdir: resumes at the end, same evaluation
   again = encoder_job.run(cfg, work)

@@ -160,10 +160,15 @@ class Evaluator:
       self._seen_len = max(1, int(lengths.max()) - (2 if split == "valid" else 1))
 
     def ranks_fn(model, batch):
+      """Ranks with seen items kept; with ``exclude_seen`` also the ranks with them removed."""
       _, user_BxD = model(batch, deterministic=True)
-      seen = batch["seen_BxS"] if self.exclude_seen else None
-      return ranking.ranks_from_embeddings(user_BxD, model.output_table(),
-                                           batch["target_item_B"], seen, ties=self.ties)
+      table = model.output_table()
+      kept = ranking.ranks_from_embeddings(user_BxD, table, batch["target_item_B"], None,
+                                           ties=self.ties)
+      if not self.exclude_seen:
+        return kept, kept
+      return ranking.ranks_from_embeddings(user_BxD, table, batch["target_item_B"],
+                                           batch["seen_BxS"], ties=self.ties), kept
 
     self._ranks = nnx.jit(ranks_fn)
     self._gather = jax.jit(lambda x: x, out_shardings=self._repl)
@@ -192,7 +197,14 @@ class Evaluator:
     return np.concatenate(t)[mask], seen
 
   def __call__(self, model) -> dict[str, float]:
+    """Metrics under ``eval.exclude_seen``; :meth:`evaluate_both` also gives the seen-kept ones."""
+    return self.evaluate_both(model)[0]
+
+  def evaluate_both(self, model) -> tuple[dict[str, float], dict[str, float]]:
+    """``(metrics, metrics with already-seen items kept)``; the same dict twice when
+    ``eval.exclude_seen`` is off.  Seen-kept is the protocol of RecBole's sequential models."""
     acc = ranking.RankingAccumulator(self.ks)
+    acc_kept = ranking.RankingAccumulator(self.ks)
     keep = ("item_BxT", "genre_BxTxG", "rating_BxT", "timegap_BxT", "position_BxT",
             "segment_BxT", "target_item_B")
     with jax.set_mesh(self.mesh):
@@ -201,9 +213,10 @@ class Evaluator:
         if self.exclude_seen:
           inputs["seen_BxS"] = self._seen(batch)
         g = {k: self._global(np.asarray(v)) for k, v in inputs.items()}
-        ranks = self._ranks(model, g)
+        ranks, ranks_kept = self._ranks(model, g)
         acc.add(np.asarray(jax.device_get(self._gather(ranks))), batch["mask_B"])
-    return acc.result()
+        acc_kept.add(np.asarray(jax.device_get(self._gather(ranks_kept))), batch["mask_B"])
+    return acc.result(), acc_kept.result()
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -259,17 +272,22 @@ def train_and_evaluate(config, workdir: str):
   for split in ("valid", "test"):
     ev = Evaluator(prepared, split, max_len=ecfg.max_len, mesh=mesh, eval_cfg=eval_cfg)
     t0 = time.time()
-    model_metrics = ev(result.model)
+    model_metrics, kept_metrics = ev.evaluate_both(result.model)
     targets, seen = ev.targets_and_seen()
     pop = ranking.popularity_baseline(counts, targets, seen, ks=ev.ks, ties=ev.ties)
+    pop_kept = ranking.popularity_baseline(counts, targets, None, ks=ev.ks, ties=ev.ties)
     splits[split] = {
         "model": model_metrics, "popularity": pop,
+        # The same ranking with already-seen items left in the candidates (RecBole's protocol
+        # for sequential models); equal to the above when eval.exclude_seen is off.
+        "model_seen_kept": kept_metrics, "popularity_seen_kept": pop_kept,
         "chance": {**{f"hr@{k}": ranking.chance_hr(k, num_candidates) for k in ev.ks},
                    **{f"ndcg@{k}": ranking.chance_ndcg(k, num_candidates) for k in ev.ks}},
         "exclude_seen": ev.exclude_seen, "ties": ev.ties, "eval_s": time.time() - t0}
-    logging.info("%s: model %s | popularity %s", split,
+    logging.info("%s: model %s | popularity %s | seen kept: model %s", split,
                  {k: round(v, 4) for k, v in model_metrics.items()},
-                 {k: round(v, 4) for k, v in pop.items()})
+                 {k: round(v, 4) for k, v in pop.items()},
+                 {k: round(v, 4) for k, v in kept_metrics.items()})
 
   losses = [m["loss"] for _, m in result.history]
   results = {
