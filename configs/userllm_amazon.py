@@ -4,9 +4,11 @@
         --config.data.source=PATH/Movies_and_TV.json.gz,PATH/meta_Movies_and_TV.json.gz \
         --config.llm.name=PATH/gemma-3-4b-pt
 
-Next item (the next product's title) and favourite category; history window
-50; bf16; FSDP x tensor parallelism (``--config.mesh.tensor=...``).
-Multi-host: add ``--distributed=auto``.
+Next item (the next product's title), favourite category and review
+generation (the user's review of the product the prompt names, greedy, up to
+``max_review_tokens`` new tokens; scored with ROUGE-L, column ``rougeL``);
+history window 50; bf16; FSDP x tensor parallelism
+(``--config.mesh.tensor=...``).  Multi-host: add ``--distributed=auto``.
 """
 
 import importlib.util
@@ -28,6 +30,7 @@ def get_config(arg: str = "full"):
   c.data.domain = "amazon"
   c.data.settings.min_user_count = 20
   c.data.settings.min_item_count = 5
+  c.tasks.names = ("next_item", "fav_genre", "review")
   c.tasks.num_test_users = 1000
   c.tasks.stride = 25
   c.tasks.max_examples_per_user = 4
@@ -50,6 +53,8 @@ def get_config(arg: str = "full"):
   c.userllm.xattn_head_dim = 128
   c.userllm.xattn_mlp_dim = 4096
   c.max_target_tokens = 64        # product titles are long
+  c.max_prompt_tokens = 80        # the review prompt names the product (title <= 63 tokens)
+  c.max_review_tokens = 128
   c.tp.budget_tokens = 2048
   c.train.steps = 5000
   c.train.batch_size = 64

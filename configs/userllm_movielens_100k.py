@@ -74,6 +74,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
 
   c.max_prompt_tokens = 24      # the User-LLM prompt (TP adds its history budget)
   c.max_target_tokens = 40      # longest tokenized title + EOS must fit (else an error)
+  c.max_review_tokens = 64      # task 'review' (Amazon, Google Local): training targets are cut
+                                # to this (no EOS when cut); new tokens generated at eval
 
   # Stage-2 training (train/loop.py fields).
   c.train = ml_collections.ConfigDict(dict(
@@ -81,6 +83,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       warmup_steps=50 if full else 2, weight_decay=0.0, grad_clip=1.0, log_every=4,
       ckpt_every=0, keep=1))
 
-  c.eval = ml_collections.ConfigDict(dict(beams=10, ks=(1, 5, 10), batch_size=8))
+  # review_beams: 1 = greedy review generation (scored with ROUGE-L).
+  c.eval = ml_collections.ConfigDict(dict(beams=10, ks=(1, 5, 10), batch_size=8,
+                                          review_beams=1))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

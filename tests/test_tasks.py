@@ -205,3 +205,26 @@ def test_word_tokenizer_roundtrip():
     assert tok.decode(tok.encode(t)) == t
   assert tok.encode("Zebra")[0] == tok.unk_id
   assert tok.decode(tok.encode("Heat (1995)") + [tok.eos_id] + tok.encode("Fargo")) == "Heat (1995)"
+
+
+def test_genre_on_every_item_is_not_a_favourite():
+  # Amazon's category path starts with the store's root ("Movies & TV") on every product:
+  # it would be every user's favourite, so the task skips it and answers the next one.
+  cat = tasks.Catalog(item_titles=["", "", "A", "B", "C"],
+                      item_genres=np.array([[0, 0], [0, 0], [2, 3], [2, 4], [2, 4]]),
+                      genre_names=["<pad>", "<oov>", "Movies & TV", "Drama", "Comedy"],
+                      rating_names=["<pad>", "<oov>"], domain="amazon")
+  assert cat.uninformative_genres == frozenset({2})
+  assert cat.favourite_genre_candidates == [3, 4]
+  g = np.array([[2, 3], [2, 4], [2, 4]])
+  assert tasks.favourite_genre(g) == 2
+  assert tasks.favourite_genre(g, ignore=cat.uninformative_genres) == 4
+  rec = {"item": np.array([2, 3, 4, 2]), "genre": np.array([[2, 3], [2, 4], [2, 4], [2, 3]]),
+         "rating": np.zeros(4, np.int32), "timegap": np.zeros(4, np.int32)}
+  ex = tasks.make_example(rec, 0, 3, "fav_genre", cat, window=4)
+  assert ex.target == "Comedy" and ex.target_id == 4
+  # MovieLens-like catalogue: no genre on every item -> nothing skipped.
+  ml = tasks.Catalog(item_titles=["", "", "A", "B"], item_genres=np.array([[0], [0], [2], [3]]),
+                     genre_names=["<pad>", "<oov>", "Drama", "Comedy"],
+                     rating_names=["<pad>", "<oov>"])
+  assert ml.uninformative_genres == frozenset()

@@ -33,15 +33,19 @@ Tokenization for stage 2 (:func:`tokenize_example`): ``[BOS] + encode(prompt)
 + encode(target) + [EOS]`` right-padded to ``max_prompt_tokens +
 max_target_tokens``; the loss mask covers the target tokens and EOS only.  A
 prompt or target that does not fit raises :class:`ExampleTooLongError` naming
-the user, task and lengths (never silently truncated).  The target is encoded
-on its own, exactly as :mod:`userllm_jax.eval.trie` encodes catalogue titles.
+the user, task and lengths (never silently truncated), except for tasks the
+caller names in ``truncate_tasks`` (free text such as reviews): their target
+is cut to its first ``limit`` tokens *without* EOS (the text goes on, so the
+model is not taught to stop there).  The target is encoded on its own, exactly
+as :mod:`userllm_jax.eval.trie` encodes catalogue titles.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Collection, Iterable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -75,7 +79,7 @@ class TokenizerLike(Protocol):
   def encode(self, text: str, add_bos: bool = False) -> list[int]:
     ...
 
-  def decode(self, ids: Sequence[int]) -> str:
+  def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
     ...
 
 
@@ -133,6 +137,32 @@ class Catalog:
   def genres_text(self, genre_ids: Iterable[int]) -> tuple[str, ...]:
     return tuple(str(self.genre_names[g]) for g in genre_ids if g >= 2)
 
+  @functools.cached_property
+  def uninformative_genres(self) -> frozenset[int]:
+    """Genre ids carried by every item that has any genre, e.g. the root of Amazon's
+    category path ("Movies & TV" on every Movies & TV product).  Such a genre would be every
+    user's favourite, so the favourite-genre task skips it.  Empty when fewer than two items
+    have genres."""
+    g = np.asarray(self.item_genres)
+    if g.ndim == 1:
+      g = g[:, None]
+    has = (g >= 2).any(axis=1)
+    if has.sum() < 2:
+      return frozenset()
+    common = None
+    for row in g[has]:
+      ids = {int(x) for x in row if x >= 2}
+      common = ids if common is None else common & ids
+      if not common:
+        return frozenset()
+    return frozenset(common)
+
+  @property
+  def favourite_genre_candidates(self) -> list[int]:
+    """Genre ids the favourite-genre task can answer (all but :attr:`uninformative_genres`)."""
+    skip = self.uninformative_genres
+    return [g for g in range(2, len(self.genre_names)) if g not in skip]
+
 
 # ---------------------------------------------------------------------------
 # History windows (the encoder's inputs).
@@ -181,8 +211,10 @@ def history_window(record: Mapping[str, Any], cut: int, window: int) -> dict[str
   return out
 
 
-def favourite_genre(genre_TxG: np.ndarray, length: Optional[int] = None) -> int:
-  """Most frequent genre id (>= 2) in the first ``length`` rows; ties -> most recent.
+def favourite_genre(genre_TxG: np.ndarray, length: Optional[int] = None,
+                    ignore: Collection[int] = ()) -> int:
+  """Most frequent genre id (>= 2, not in ``ignore``) in the first ``length`` rows; ties ->
+  most recent.
 
   Each row (event) counts each distinct genre once.  Among tied genres the one
   whose last occurrence has the highest row index wins; within that row, the
@@ -198,7 +230,7 @@ def favourite_genre(genre_TxG: np.ndarray, length: Optional[int] = None) -> int:
   for t in range(length):
     seen = set()
     for j, gid in enumerate(genre_TxG[t].tolist()):
-      if gid < 2 or gid in seen:
+      if gid < 2 or gid in seen or gid in ignore:
         continue
       seen.add(gid)
       count[gid] = count.get(gid, 0) + 1
@@ -242,7 +274,8 @@ def make_example(record: Mapping[str, Any], user_index: int, cut: int, task: str
       return None
     return Example(user_index, task, cut, hist, prompt_for(task, catalog), title, item_id)
   if task == "fav_genre":
-    gid = favourite_genre(hist["genre"], int(hist["length"]))
+    gid = favourite_genre(hist["genre"], int(hist["length"]),
+                          ignore=catalog.uninformative_genres)
     if gid < 2:
       return None
     return Example(user_index, task, cut, hist, prompt_for(task, catalog),
@@ -395,10 +428,16 @@ def encode_prompt(prompt: str, tokenizer: TokenizerLike, max_prompt_tokens: int,
 
 
 def encode_target(target: str, tokenizer: TokenizerLike, max_target_tokens: int, *,
-                  where: str = "") -> list[int]:
-  """``encode(target) + [EOS]``; raises :class:`ExampleTooLongError` when it exceeds the limit."""
+                  where: str = "", truncate: bool = False) -> list[int]:
+  """``encode(target) + [EOS]``; raises :class:`ExampleTooLongError` when it exceeds the limit.
+
+  ``truncate=True``: a target that does not fit is cut to its first
+  ``max_target_tokens`` tokens, without EOS (the text goes on).
+  """
   ids = list(tokenizer.encode(target)) + [tokenizer.eos_id]
   if len(ids) > max_target_tokens:
+    if truncate:
+      return ids[:max_target_tokens]
     raise ExampleTooLongError(
         f"{where}target has {len(ids)} tokens (with EOS), max_target_tokens={max_target_tokens}: "
         f"{target[:60]!r}")
@@ -406,8 +445,13 @@ def encode_target(target: str, tokenizer: TokenizerLike, max_target_tokens: int,
 
 
 def tokenize_example(example: Example, prompt: str, tokenizer: TokenizerLike, *,
-                     max_prompt_tokens: int, max_target_tokens: int) -> dict[str, np.ndarray]:
+                     max_prompt_tokens: int, max_target_tokens: int,
+                     target_limit: Optional[int] = None,
+                     truncate_target: bool = False) -> dict[str, np.ndarray]:
   """Training features for one example (``L = max_prompt_tokens + max_target_tokens``).
+
+  The target (+ EOS) must fit ``target_limit`` (default ``max_target_tokens``,
+  at most that); ``truncate_target``: cut to it instead (see :func:`encode_target`).
 
   Keys carry the batched shapes (one example has no batch axis):
   ``tokens_BxL``: ``[BOS] prompt target [EOS]`` then PAD; ``targets_BxL``:
@@ -416,8 +460,12 @@ def tokenize_example(example: Example, prompt: str, tokenizer: TokenizerLike, *,
   tokens; ``prompt_len_B``; plus :func:`history_features` (``item_BxT`` ...).
   """
   where = f"user {example.user_index} task {example.task} cut {example.cut}: "
+  limit = max_target_tokens if target_limit is None else int(target_limit)
+  if not 0 < limit <= max_target_tokens:
+    raise ValueError(f"{where}target_limit={target_limit} must be in [1, max_target_tokens="
+                     f"{max_target_tokens}]")
   p = encode_prompt(prompt, tokenizer, max_prompt_tokens, where=where)
-  t = encode_target(example.target, tokenizer, max_target_tokens, where=where)
+  t = encode_target(example.target, tokenizer, limit, where=where, truncate=truncate_target)
   seq = p + t
   length = max_prompt_tokens + max_target_tokens
   tokens = np.full((length,), tokenizer.pad_id, np.int32)
@@ -466,19 +514,27 @@ def prompt_batch(examples: Sequence[Example], prompts: Sequence[str], tokenizer:
 
 def stage2_dataset(examples: Sequence[Example], prompts: Sequence[str], tokenizer: TokenizerLike, *,
                    max_prompt_tokens: int, max_target_tokens: int, batch_size: int, seed: int,
-                   num_epochs: Optional[int] = None, drop_remainder: bool = True):
+                   num_epochs: Optional[int] = None, drop_remainder: bool = True,
+                   task_target_tokens: Optional[Mapping[str, int]] = None,
+                   truncate_tasks: Collection[str] = ()):
   """A Grain ``MapDataset`` of stage-2 training batches (seeded shuffle, repeated, batched).
 
   All examples are tokenized up front, so a too-long example raises here, not
   in the middle of training.  Use ``iter(ds)`` or ``ds.to_iter_dataset()``.
+  ``max_target_tokens`` is the padded target length; ``task_target_tokens``
+  (task -> limit <= it) sets a smaller limit per task; targets of
+  ``truncate_tasks`` are cut to their limit instead of raising.
   """
   import grain  # pylint: disable=g-import-not-at-top
   if len(examples) != len(prompts):
     raise ValueError(f"stage2_dataset: {len(examples)} examples but {len(prompts)} prompts")
   if not examples:
     raise ValueError("stage2_dataset: no examples")
+  limits = dict(task_target_tokens or {})
   feats = [tokenize_example(e, p, tokenizer, max_prompt_tokens=max_prompt_tokens,
-                            max_target_tokens=max_target_tokens)
+                            max_target_tokens=max_target_tokens,
+                            target_limit=limits.get(e.task),
+                            truncate_target=e.task in truncate_tasks)
            for e, p in zip(examples, prompts)]
   ds = grain.MapDataset.source(feats).shuffle(seed=seed).repeat(num_epochs)
   return ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -517,7 +573,10 @@ class WordTokenizer:
     ids = [self._ids.get(p, self.unk_id) for p in self._PIECE_RE.findall(text)]
     return [self.bos_id] + ids if add_bos else ids
 
-  def decode(self, ids: Sequence[int]) -> str:
+  def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+    """Text up to EOS; pad and BOS dropped (``skip_special`` is accepted for the same call
+    as ``weights.Tokenizer``: this tokenizer has no other control tokens)."""
+    del skip_special
     out = []
     for i in ids:
       i = int(i)

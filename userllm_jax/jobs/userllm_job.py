@@ -13,8 +13,12 @@ Steps (all methods share the LLM, the tasks, the prompts and the test users):
 3. **LLM**: ``weights.load_gemma(config.llm.name)`` (Gemma 3 270M by default),
    or ``llm.name='tiny'``: a random tiny Gemma with a word-level tokenizer
    built from the catalogue (tests, smoke runs).
-4. **Tasks** (``data/tasks.py``): users split into stage-2 train / test users;
-   next item (target: the next item's title) and favourite genre.
+4. **Tasks** (``data/tasks.py``, ``config.tasks.names``): users split into
+   stage-2 train / test users; next item (target: the next item's title),
+   favourite genre, and review generation (target: the user's review text of
+   the item the prompt names; Amazon, Google Local).  Titles and genres must fit
+   ``config.max_target_tokens`` (else an error); review targets are cut to
+   ``config.max_review_tokens`` (the cut text gets no EOS: the review goes on).
 5. **Methods** (``config.methods``), each trained with ``train/loop.py`` for
    ``config.train.steps`` on the same examples:
    ``userllm_xattn`` / ``userllm_soft_prompt``: ``models/userllm.py`` with the
@@ -25,14 +29,21 @@ Steps (all methods share the LLM, the tasks, the prompts and the test users):
 6. **Evaluation** on the test users: next item by trie-constrained beam search
    (``eval/trie.py``; ``config.eval.beams`` beams, every beam a catalogue title)
    -> Recall@K; favourite genre by trie-constrained greedy decoding over the
-   genre names -> accuracy; prompt tokens; GFLOPs per example (XLA's cost
+   genre names -> accuracy; review by unconstrained decoding (greedy, or
+   ``config.eval.review_beams`` beams; at most ``config.max_review_tokens`` new
+   tokens, stopping at EOS) -> ROUGE-L (``eval/text_metrics.rouge_l``: mean
+   F-measure ``rougeL``, also ``rougeL_precision`` / ``rougeL_recall``) against
+   the whole review; prompt tokens; GFLOPs per example (XLA's cost
    analysis of the compiled prefill of one example: encoder + perceiver +
    projector + LLM over the prompt for User-LLM, LLM over the text history +
    prompt for TP); wall-clock ms per example (decoding included).  Repeated
    for every history length in ``config.tasks.history_lengths`` (the most
    recent n events of the same window).
 
-Outputs: a printed table (method x metrics), ``WORKDIR/results.json``, and
+Outputs: a printed table (method x metrics), ``WORKDIR/results.json`` (written
+atomically), every review generation in
+``WORKDIR/generations/<method>_review.jsonl`` (one line per test user and
+history length: ``history_len, user, target, generated``), and
 ``WORKDIR/quality_vs_history.png`` / ``WORKDIR/gflops_vs_history.png`` when
 matplotlib is importable.
 """
@@ -57,6 +68,20 @@ from userllm_jax.eval import text_metrics
 from userllm_jax.eval import trie as trie_lib
 
 METHODS = ("userllm_xattn", "userllm_soft_prompt", "tp_lora")
+DEFAULT_MAX_REVIEW_TOKENS = 64
+
+
+def target_budgets(config) -> tuple[int, dict[str, int]]:
+  """(padded target length, task -> target token limit incl. EOS) of stage 2.
+
+  Titles and genres use ``config.max_target_tokens``; reviews
+  ``config.max_review_tokens`` (default 64), also the generation limit at eval.
+  """
+  max_target = int(config.max_target_tokens)
+  budgets = {str(t): max_target for t in config.tasks.names}
+  if "review" in budgets:
+    budgets["review"] = int(config.get("max_review_tokens", DEFAULT_MAX_REVIEW_TOKENS))
+  return max(budgets.values(), default=max_target), budgets
 
 
 def _progress(iterable, desc: str, total: Optional[int] = None):
@@ -119,21 +144,24 @@ def run_stage1(config, workdir: str):
 # 3. LLM.
 
 
-def _text_corpus(catalog: tasks_lib.Catalog) -> list[str]:
+def _text_corpus(catalog: tasks_lib.Catalog, extra_texts: Sequence[str] = ()) -> list[str]:
   corpus = [t for t in catalog.item_titles if t]
   corpus += [str(g) for g in catalog.genre_names]
   corpus += [catalog.rating_text(i) or "" for i in range(len(catalog.rating_names))]
   corpus += [tasks_lib.TP_HEADER, ", rated 0123456789 (, ) \n item"]
   corpus += [tasks_lib.prompt_for(t, catalog, title="x") for t in ("next_item", "fav_genre")]
-  return corpus
+  return corpus + list(extra_texts)
 
 
-def load_llm(config, catalog: tasks_lib.Catalog):
-  """(gemma, tokenizer): the pretrained Gemma, or a random tiny one with a word tokenizer."""
+def load_llm(config, catalog: tasks_lib.Catalog, extra_texts: Sequence[str] = ()):
+  """(gemma, tokenizer): the pretrained Gemma, or a random tiny one with a word tokenizer.
+
+  ``extra_texts`` (e.g. review prompts and texts) join the tiny tokenizer's corpus.
+  """
   name = config.llm.name
   if name == "tiny":
     from userllm_jax.models import gemma as gemma_lib  # pylint: disable=g-import-not-at-top
-    tok = tasks_lib.WordTokenizer(_text_corpus(catalog))
+    tok = tasks_lib.WordTokenizer(_text_corpus(catalog, extra_texts))
     overrides = config.llm.get("tiny", ml_collections.ConfigDict()).to_dict()
     gcfg = gemma_lib.tiny(vocab_size=tok.vocab_size, **overrides)
     abstract = nnx.eval_shape(lambda: gemma_lib.Gemma3(gcfg, rngs=nnx.Rngs(0)))
@@ -255,7 +283,7 @@ def build_method(config, method: str, encoder, ecfg, gemma, tokenizer, catalog):
   """(build_model(rngs), trainable filter, loss_fn, prompt_fn, max_prompt_tokens, kind)."""
   from userllm_jax.models import gemma as gemma_lib  # pylint: disable=g-import-not-at-top
   from userllm_jax.models import encoder as enc_lib  # pylint: disable=g-import-not-at-top
-  max_target = int(config.max_target_tokens)
+  max_target = target_budgets(config)[0]
   gcfg = gemma.cfg
   gemma_params = _pretrained_state(gemma)
   if method.startswith("userllm_"):
@@ -313,8 +341,10 @@ def train_method(config, method: str, workdir: str, encoder, ecfg, gemma, tokeni
   build_model, trainable, loss_fn, prompt_fn, max_prompt, kind = build_method(
       config, method, encoder, ecfg, gemma, tokenizer, catalog)
   prompts = [prompt_fn(ex)[0] for ex in data.train]
+  target_len, budgets = target_budgets(config)
   ds = tasks_lib.stage2_dataset(data.train, prompts, tokenizer, max_prompt_tokens=max_prompt,
-                                max_target_tokens=int(config.max_target_tokens),
+                                max_target_tokens=target_len, task_target_tokens=budgets,
+                                truncate_tasks=("review",),
                                 batch_size=int(config.train.batch_size), seed=int(config.seed))
   sub = _sub_config(config, "train")
   t0 = time.time()
@@ -347,9 +377,12 @@ def _processor(trie_arrays: trie_lib.TrieArrays):
   return _PROCESSORS[key][1]
 
 
-def make_decoder(method: Method, trie_arrays: trie_lib.TrieArrays, *, beams: int,
+def make_decoder(method: Method, trie_arrays: Optional[trie_lib.TrieArrays], *, beams: int,
                  max_new_tokens: int, pad_id: int, eos_id: int):
-  """Trie-constrained decoding with ``models/sampler.py``: ``fn(batch) -> (tokens, scores, done)``.
+  """Decoding with ``models/sampler.py``: ``fn(batch) -> (tokens, scores, done)``.
+
+  Constrained to the titles of ``trie_arrays``, or free (no logits processor;
+  e.g. reviews) when it is None.
 
   ``beams > 1``: beam search (summed log-probabilities, no length penalty),
   ``[B, K, N]`` tokens best first; ``beams == 1``: greedy.  For User-LLM the
@@ -357,7 +390,7 @@ def make_decoder(method: Method, trie_arrays: trie_lib.TrieArrays, *, beams: int
   timed call, and passed as media (cross-attention) or soft prompt.
   """
   from userllm_jax.models import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  proc = _processor(trie_arrays)
+  proc = _processor(trie_arrays) if trie_arrays is not None else None
   llm = _llm(method)
   sampler = sampler_lib.Sampler(llm, eos_id=eos_id, pad_id=pad_id)
   user_fn = None
@@ -399,6 +432,19 @@ def _decode_rows(tokens_KxS: np.ndarray, scores_K: np.ndarray, done_K: np.ndarra
   return out
 
 
+def _decode_text(tokens_S: np.ndarray, tokenizer) -> str:
+  """Free text of one generated row: up to (excluding) EOS, without pad / BOS / control tokens.
+
+  A row that ran out of new tokens before EOS keeps its text (a cut review is
+  still a review).
+  """
+  row = [int(t) for t in np.asarray(tokens_S).reshape(-1)]
+  if tokenizer.eos_id in row:
+    row = row[:row.index(tokenizer.eos_id)]
+  row = [t for t in row if t not in (tokenizer.pad_id, tokenizer.bos_id)]
+  return tokenizer.decode(row, skip_special=True)
+
+
 def prefill_gflops(method: Method, batch1: dict) -> float:
   """GFLOPs of the compiled prefill (history encoding + prompt) of one example (XLA cost analysis)."""
   graphdef, state = nnx.split(method.model)
@@ -428,9 +474,15 @@ def _exact_prompt_batch(examples, prompts, tokenizer):
 
 def evaluate_method(config, method: Method, data: TaskData, tokenizer, catalog, tries,
                     history_len: int) -> dict:
-  """Metrics of one method on the test users with histories cut to ``history_len`` events."""
+  """Metrics of one method on the test users with histories cut to ``history_len`` events.
+
+  ``out["examples"][task]``: the first 3 examples; ``out["generations"]["review"]``:
+  every review generation (``run`` writes them to ``generations/`` and keeps
+  them out of results.json).
+  """
   ec = config.eval
   bs = int(ec.batch_size)
+  _, budgets = target_budgets(config)
   out = {"history_len": history_len}
   prompt_tokens, gflops = [], []
   for task in config.tasks.names:
@@ -439,12 +491,14 @@ def evaluate_method(config, method: Method, data: TaskData, tokenizer, catalog, 
     prompts = [p for p, _ in pairs]
     prompt_tokens += [tasks_lib.num_prompt_tokens(p, tokenizer) for p in prompts]
     if task == "next_item":
-      beams, tr, max_new = int(ec.beams), tries["next_item"], int(config.max_target_tokens)
+      beams, tr, max_new = int(ec.beams), tries["next_item"], budgets[task]
     elif task == "fav_genre":
-      beams, tr, max_new = 1, tries["fav_genre"], int(config.max_target_tokens)
+      beams, tr, max_new = 1, tries["fav_genre"], budgets[task]
+    elif task == "review":  # free text: no trie
+      beams, tr, max_new = int(ec.get("review_beams", 1)), None, budgets[task]
     else:
-      raise ValueError(f"evaluation of task {task!r} is not implemented in this job "
-                       "(review generation: use text_metrics.rouge_l on sampled text)")
+      raise ValueError(f"config.tasks.names: evaluation of task {task!r} is not implemented; "
+                       f"known: {tasks_lib.TASKS}")
     decode = make_decoder(method, tr, beams=beams, max_new_tokens=max_new,
                           pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
     cands: list[list[str]] = []
@@ -469,6 +523,9 @@ def evaluate_method(config, method: Method, data: TaskData, tokenizer, catalog, 
         dt = time.time() - t0
         first = False
       t_total += dt
+      if task == "review":  # the best beam (or the greedy row), finished or not
+        cands += [[_decode_text(np.asarray(toks[b])[0], tokenizer)] for b in range(n_real)]
+        continue
       py_trie = tries[task + "_py"]
       for b in range(n_real):
         cands.append(_decode_rows(np.asarray(toks[b]), np.asarray(scores[b]),
@@ -485,9 +542,19 @@ def evaluate_method(config, method: Method, data: TaskData, tokenizer, catalog, 
       out["next_item_ms_per_example"] = ms
       # Fraction of live beams that are complete catalogue titles (1.0 by construction).
       out["next_item_catalogue_beams"] = valid / max(total, 1)
-    else:
+    elif task == "fav_genre":
       out["genre_accuracy"] = text_metrics.accuracy([c[0] for c in cands], targets)
       out["genre_ms_per_example"] = ms
+    else:
+      generated = [c[0] for c in cands]
+      rouge = text_metrics.rouge_l(generated, targets)
+      out["rougeL"] = rouge["fmeasure"]
+      out["rougeL_precision"] = rouge["precision"]
+      out["rougeL_recall"] = rouge["recall"]
+      out["review_ms_per_example"] = ms
+      out.setdefault("generations", {})["review"] = [
+          {"history_len": history_len, "user": int(e.user_index), "target": t, "generated": g}
+          for e, t, g in zip(examples, targets, generated)]
     gflops.append(prefill_gflops(method, _exact_prompt_batch(examples, prompts, tokenizer)))
     out.setdefault("examples", {})[task] = [
         {"user": int(e.user_index), "target": e.target, "candidates": c[:5]}
@@ -501,8 +568,9 @@ def evaluate_method(config, method: Method, data: TaskData, tokenizer, catalog, 
 # 7. Report.
 
 
-TABLE_COLUMNS = ("recall@1", "recall@5", "recall@10", "genre_accuracy", "gflops_per_example",
-                 "prompt_tokens", "next_item_ms_per_example", "genre_ms_per_example")
+TABLE_COLUMNS = ("recall@1", "recall@5", "recall@10", "genre_accuracy", "rougeL",
+                 "gflops_per_example", "prompt_tokens", "next_item_ms_per_example",
+                 "genre_ms_per_example", "review_ms_per_example")
 
 
 def format_table(rows: dict[str, dict]) -> str:
@@ -526,7 +594,7 @@ def write_plots(workdir: str, sweep: dict[str, list[dict]]) -> list[str]:
     logging.warning("matplotlib not importable: no plots")
     return []
   written = []
-  metrics = [m for m in ("recall@1", "recall@10", "genre_accuracy")
+  metrics = [m for m in ("recall@1", "recall@10", "genre_accuracy", "rougeL")
              if any(m in r for rs in sweep.values() for r in rs)]
   fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
   for ax, m in zip(axes[0], metrics):
@@ -579,15 +647,19 @@ def run(config, workdir: str) -> dict:
   catalog = tasks_lib.Catalog.from_dataset(prepared, domain=config.data.domain)
   timings["stage1_s"] = time.time() - t_start
 
+  data = build_task_data(config, prepared, catalog)
+  # Review prompts and texts for the tiny word tokenizer (the real tokenizer ignores them).
+  review_texts = [x for e in data.train + [e for v in data.test.values() for e in v]
+                  if e.task == "review" for x in (e.prompt, e.target)]
+
   t0 = time.time()
-  gemma, tokenizer = load_llm(config, catalog)
+  gemma, tokenizer = load_llm(config, catalog, extra_texts=review_texts)
   timings["load_llm_s"] = time.time() - t0
 
-  data = build_task_data(config, prepared, catalog)
   item_ids = [i for i, t in enumerate(catalog.item_titles) if t]
   py_items = trie_lib.TitleTrie.from_titles([catalog.item_titles[i] for i in item_ids], tokenizer,
                                             item_ids=item_ids)
-  genre_ids = [g for g in range(2, len(catalog.genre_names))]
+  genre_ids = catalog.favourite_genre_candidates
   py_genres = trie_lib.TitleTrie.from_titles([str(catalog.genre_names[g]) for g in genre_ids],
                                              tokenizer, item_ids=genre_ids)
   vocab = gemma.cfg.vocab_size
@@ -607,12 +679,19 @@ def run(config, workdir: str) -> dict:
     timings[f"{method_name}_train_s"] = time.time() - t0
     t0 = time.time()
     sweep = []
+    generations: dict[str, list] = {}
     for h in hl:
       r = evaluate_method(config, method, data, tokenizer, catalog, tries, h)
+      for task, rows in r.pop("generations", {}).items():
+        generations.setdefault(task, []).extend(rows)
       logging.info("%s history=%d: %s", method_name, h,
                    {k: v for k, v in r.items() if k != "examples"})
       sweep.append(r)
     timings[f"{method_name}_eval_s"] = time.time() - t0
+    if jax.process_index() == 0:
+      for task, rows in generations.items():
+        path = os.path.join(workdir, "generations", f"{method_name}_{task}.jsonl")
+        write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     main = next(r for r in sweep if r["history_len"] == int(config.tasks.window))
     table_rows[method_name] = main
     results["methods"][method_name] = {"train": method.train_info, **main}
@@ -629,10 +708,29 @@ def run(config, workdir: str) -> dict:
   timings["total_s"] = time.time() - t_start
   results["timings"] = timings
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2, default=_json_default)
+    write_atomic(os.path.join(workdir, "results.json"),
+                 json.dumps(results, indent=2, default=_json_default))
   logging.info("timings: %s", timings)
   return results
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` via a temp file in the same directory and ``os.replace``:
+  a crash leaves the old file or none, never a half-written one."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  # A plain open() (not mkstemp, which makes the file 0600) keeps the usual permissions.
+  tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def _json_default(o):
