@@ -26,7 +26,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "movielens-100k"
   c.data.source = ""          # '' = the embedded copy (recbole wheel)
-  c.data.dir = ""             # '' = WORKDIR/data
+  c.data.dir = ""             # prepared ArrayRecord dir; '' = $USERLLM_CACHE/prepared/<name>-<hash>
   c.data.domain = "movielens"
   c.data.settings = ml_collections.ConfigDict(
       {"min_user_count": 5, "min_item_count": 1})

@@ -65,6 +65,30 @@ def test_frozen_params_have_no_opt_state_and_stay_identical(tmp_path):
   assert not np.allclose(np.asarray(res.model.w_in[...]), np.asarray(init.model.w_in[...]))
 
 
+def test_checkpoints_leave_out_frozen_params_and_resume_exactly(tmp_path):
+  """Frozen params (the pretrained LLM in stage 2) are not written: a resume rebuilds them with
+  build_model and continues exactly as the uninterrupted run; train.save_frozen keeps them."""
+  trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("embed")))
+  whole = _run(tmp_path, "whole", tw.make_config(steps=6, ckpt_every=3), trainable=trainable)
+  _run(tmp_path, "cut", tw.make_config(steps=3, ckpt_every=3), trainable=trainable)
+  resumed = _run(tmp_path, "cut", tw.make_config(steps=6, ckpt_every=3), trainable=trainable)
+  assert [s for s, _ in resumed.history] == [3, 4, 5]
+  np.testing.assert_allclose([m["loss"] for _, m in resumed.history],
+                             [m["loss"] for s, m in whole.history if s >= 3], rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, resumed.state["params"], whole.state["params"])
+  jax.tree.map(np.testing.assert_array_equal, resumed.state["frozen"], whole.state["frozen"])
+
+  def saved_files(name):  # the saved tree's key paths, from Orbax's metadata files
+    root = tmp_path / name / "checkpoints"
+    return " ".join(p.read_text(errors="replace") for p in root.rglob("_METADATA")
+                    if p.parent.name == "state")
+
+  assert "w_in" in saved_files("whole") and "embed" not in saved_files("whole")
+  kept = _run(tmp_path, "kept", tw.make_config(steps=3, ckpt_every=3, save_frozen=True),
+              trainable=trainable)
+  assert kept.step == 3 and "embed" in saved_files("kept")
+
+
 def test_schedule_and_logging(tmp_path):
   calls = []
 

@@ -25,9 +25,14 @@ The train state is a plain pytree of global ``jax.Array``s::
     {'step': int32[], 'params': trainable params (pure dict), 'frozen': frozen
      params, 'rest': other nnx variables (RNG counters, ...), 'opt_state': optax}
 
+Checkpoints hold all of it but ``frozen``: on resume the frozen params are rebuilt
+by ``build_model`` (which loads the pretrained LLM / encoder), so a stage-2 run
+under strategy enc/proj/lora does not rewrite the whole LLM at every checkpoint.
+``train.save_frozen=True`` writes them too.
+
 Config fields read (``config.train``): ``steps, lr, warmup_steps,
 weight_decay, grad_clip, grad_accum, ckpt_every, keep, log_every, eval_every``
-and optionally ``min_lr_ratio, b1, b2, eps, assert_sharded_min_size``;
+and optionally ``min_lr_ratio, b1, b2, eps, assert_sharded_min_size, save_frozen``;
 ``config.mesh`` and ``config.seed``.  ``train.dtype`` / ``train.remat`` are the
 model's business (jobs pass them into the model config).
 
@@ -162,6 +167,9 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
   log_every = max(1, int(_cfg_get(tcfg, "log_every", 50)))
   eval_every = int(_cfg_get(tcfg, "eval_every", 0))
   keep = _cfg_get(tcfg, "keep", 3)
+  # Frozen params (e.g. the pretrained LLM under strategy enc/proj/lora) are rebuilt by
+  # build_model on resume, so checkpoints leave them out unless train.save_frozen is set.
+  save_frozen = bool(_cfg_get(tcfg, "save_frozen", False))
   min_shard = _cfg_get(tcfg, "assert_sharded_min_size", 0)
   if mesh is None:
     mesh = mesh_lib.make_mesh(_cfg_get(config, "mesh", None))
@@ -214,9 +222,15 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
     data_ckpt = train_iter if hasattr(train_iter, "get_state") else None
     if data_ckpt is None:
       logging.warning("train_iter has no get_state(): the data position is not checkpointed")
+    def saved_part(tree):
+      return tree if save_frozen else {k: v for k, v in tree.items() if k != "frozen"}
+
     latest = checkpointer.latest_step()
     if latest is not None:
-      state = checkpointer.restore(latest, abs_state_sh, data_ckpt)
+      state = checkpointer.restore(latest, saved_part(abs_state_sh), data_ckpt)
+      if not save_frozen:
+        state["frozen"] = jax.jit(lambda: init_fn()["frozen"],
+                                  out_shardings=state_sh["frozen"])()
       restored_step = int(jax.device_get(state["step"]))
       if restored_step != latest:
         raise RuntimeError(f"checkpoint {latest} in {checkpointer.directory} holds step "
@@ -357,7 +371,7 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
           logging.info("eval step %d: %s", step, values)
           writer.write_scalars(step, {f"eval/{k}": v for k, v in values.items()})
         if want_ckpt or preempted:
-          checkpointer.save(step, state, data_ckpt, force=preempted)
+          checkpointer.save(step, saved_part(state), data_ckpt, force=preempted)
         if step_hook is not None:
           step_hook(step, ctx)
         if preempted:
