@@ -19,6 +19,7 @@ export USERLLM_OFFLINE=1 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import sys, jax, flax, optax, orbax.checkpoint as o, grain; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'grain', grain.__version__, jax.devices())"
+USERLLM_CACHE=${USERLLM_CACHE:-$HOME/.cache/userllm_jax}
 DATA=$USERLLM_CACHE/datasets/ml-100k-recbole
 
 SWEEP=${SWEEP:-benchmarks/encoder_sweep_short.txt}

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 from typing import Any, Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from userllm_jax import paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
 _HISTORY_LENGTHS = flags.DEFINE_list("history_lengths", ["50", "200", "500"],
@@ -241,9 +242,7 @@ def main(argv):
                breakdown=_BREAKDOWN.value)
   print(format_table(result))
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=2)
+    paths.write_atomic(_OUT.value, json.dumps(result, indent=2))
     print(f"wrote {_OUT.value}")
 
 

@@ -159,18 +159,21 @@ class Evaluator:
       lengths = np.asarray(prepared.lengths)[self.batches.users]
       self._seen_len = max(1, int(lengths.max()) - (2 if split == "valid" else 1))
 
-    def ranks_fn(model, batch):
-      """Ranks with seen items kept; with ``exclude_seen`` also the ranks with them removed."""
+    def ranks_fn(model, batch, with_kept: bool):
+      """Ranks under ``exclude_seen``; ``with_kept``: also the ranks with seen items kept."""
       _, user_BxD = model(batch, deterministic=True)
       table = model.output_table()
-      kept = ranking.ranks_from_embeddings(user_BxD, table, batch["target_item_B"], None,
-                                           ties=self.ties)
-      if not self.exclude_seen:
-        return kept, kept
-      return ranking.ranks_from_embeddings(user_BxD, table, batch["target_item_B"],
-                                           batch["seen_BxS"], ties=self.ties), kept
 
-    self._ranks = nnx.jit(ranks_fn)
+      def rank(seen):
+        return ranking.ranks_from_embeddings(user_BxD, table, batch["target_item_B"], seen,
+                                             ties=self.ties)
+
+      main = rank(batch["seen_BxS"] if self.exclude_seen else None)
+      if not with_kept:
+        return main, None
+      return main, (rank(None) if self.exclude_seen else main)
+
+    self._ranks = nnx.jit(ranks_fn, static_argnames="with_kept")
     self._gather = jax.jit(lambda x: x, out_shardings=self._repl)
 
   def _seen(self, batch) -> np.ndarray:
@@ -198,13 +201,15 @@ class Evaluator:
 
   def __call__(self, model) -> dict[str, float]:
     """Metrics under ``eval.exclude_seen``; :meth:`evaluate_both` also gives the seen-kept ones."""
-    return self.evaluate_both(model)[0]
+    return self._evaluate(model, with_kept=False)[0]
 
   def evaluate_both(self, model) -> tuple[dict[str, float], dict[str, float]]:
-    """``(metrics, metrics with already-seen items kept)``; the same dict twice when
+    """``(metrics, metrics with already-seen items kept)``; the same figures twice when
     ``eval.exclude_seen`` is off.  Seen-kept is the protocol of RecBole's sequential models."""
-    acc = ranking.RankingAccumulator(self.ks)
-    acc_kept = ranking.RankingAccumulator(self.ks)
+    return self._evaluate(model, with_kept=True)
+
+  def _evaluate(self, model, *, with_kept: bool):
+    accs = [ranking.RankingAccumulator(self.ks) for _ in range(2 if with_kept else 1)]
     keep = ("item_BxT", "genre_BxTxG", "rating_BxT", "timegap_BxT", "position_BxT",
             "segment_BxT", "target_item_B")
     with jax.set_mesh(self.mesh):
@@ -213,10 +218,10 @@ class Evaluator:
         if self.exclude_seen:
           inputs["seen_BxS"] = self._seen(batch)
         g = {k: self._global(np.asarray(v)) for k, v in inputs.items()}
-        ranks, ranks_kept = self._ranks(model, g)
-        acc.add(np.asarray(jax.device_get(self._gather(ranks))), batch["mask_B"])
-        acc_kept.add(np.asarray(jax.device_get(self._gather(ranks_kept))), batch["mask_B"])
-    return acc.result(), acc_kept.result()
+        for acc, ranks in zip(accs, self._ranks(model, g, with_kept=with_kept)):
+          acc.add(np.asarray(jax.device_get(self._gather(ranks))), batch["mask_B"])
+    results = [acc.result() for acc in accs]
+    return results[0], (results[1] if with_kept else None)
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -312,11 +317,7 @@ def train_and_evaluate(config, workdir: str):
       "config": config.to_dict() if hasattr(config, "to_dict") else None,
   }
   if primary:
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "results.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2, default=str)
-    os.replace(tmp, path)
+    paths.write_atomic(path, json.dumps(results, indent=2, default=str))
     logging.info("wrote %s", path)
   return results, result.model, prepared

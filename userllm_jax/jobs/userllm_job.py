@@ -63,6 +63,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from userllm_jax import paths
 from userllm_jax.data import tasks as tasks_lib
 from userllm_jax.eval import text_metrics
 from userllm_jax.eval import trie as trie_lib
@@ -691,7 +692,7 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
       for task, rows in generations.items():
         path = os.path.join(workdir, "generations", f"{method_name}_{task}.jsonl")
-        write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        paths.write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     main = next(r for r in sweep if r["history_len"] == int(config.tasks.window))
     table_rows[method_name] = main
     results["methods"][method_name] = {"train": method.train_info, **main}
@@ -708,29 +709,10 @@ def run(config, workdir: str) -> dict:
   timings["total_s"] = time.time() - t_start
   results["timings"] = timings
   if jax.process_index() == 0:
-    write_atomic(os.path.join(workdir, "results.json"),
+    paths.write_atomic(os.path.join(workdir, "results.json"),
                  json.dumps(results, indent=2, default=_json_default))
   logging.info("timings: %s", timings)
   return results
-
-
-def write_atomic(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` via a temp file in the same directory and ``os.replace``:
-  a crash leaves the old file or none, never a half-written one."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  # A plain open() (not mkstemp, which makes the file 0600) keeps the usual permissions.
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _json_default(o):
