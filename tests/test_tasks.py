@@ -29,17 +29,17 @@ def _record(items, ratings=None, reviews=None):
 def test_history_window_protocol():
   rec = _record([2, 3, 4, 5, 6, 7])
   h = tasks.history_window(rec, cut=5, window=3)
-  assert int(h["length"]) == 3
-  np.testing.assert_array_equal(h["item"], [4, 5, 6])
-  np.testing.assert_array_equal(h["genre"], ITEM_GENRES[[4, 5, 6]])
-  np.testing.assert_array_equal(h["segment"], [1, 1, 1])
-  np.testing.assert_array_equal(h["position"], [0, 1, 2])
-  assert (h["timegap"] > 0).all()
+  assert int(h["length_B"]) == 3
+  np.testing.assert_array_equal(h["item_BxT"], [4, 5, 6])
+  np.testing.assert_array_equal(h["genre_BxTxG"], ITEM_GENRES[[4, 5, 6]])
+  np.testing.assert_array_equal(h["segment_BxT"], [1, 1, 1])
+  np.testing.assert_array_equal(h["position_BxT"], [0, 1, 2])
+  assert (h["timegap_BxT"] > 0).all()
   # Shorter history than the window: left-aligned, zero padded.
   h = tasks.history_window(rec, cut=2, window=4)
-  np.testing.assert_array_equal(h["item"], [2, 3, 0, 0])
-  np.testing.assert_array_equal(h["segment"], [1, 1, 0, 0])
-  np.testing.assert_array_equal(h["rating"], [5, 5, 0, 0])
+  np.testing.assert_array_equal(h["item_BxT"], [2, 3, 0, 0])
+  np.testing.assert_array_equal(h["segment_BxT"], [1, 1, 0, 0])
+  np.testing.assert_array_equal(h["rating_BxT"], [5, 5, 0, 0])
   with pytest.raises(ValueError, match="cut=0 outside"):
     tasks.history_window(rec, cut=0, window=4)
 

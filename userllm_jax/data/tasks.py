@@ -50,10 +50,11 @@ from typing import Any, Collection, Iterable, Mapping, Optional, Protocol, Seque
 import numpy as np
 
 TASKS = ("next_item", "fav_genre", "review")
-HISTORY_FIELDS = ("item", "genre", "rating", "timegap", "position", "segment")
-# The pipeline's batch names (data/pipeline.py, models/encoder.py) of the history fields.
-BATCH_NAMES = {"item": "item_BxT", "genre": "genre_BxTxG", "rating": "rating_BxT",
-               "timegap": "timegap_BxT", "position": "position_BxT", "segment": "segment_BxT"}
+# The history fields, spelled as the encoder reads them (data/pipeline.py, models/encoder.py)
+# from the example to the batch: one example's arrays lack the batch axis (``item_BxT`` is
+# ``[T]`` there) and batching stacks them into the shapes the names say.
+HISTORY_KEYS = ("item_BxT", "genre_BxTxG", "rating_BxT", "timegap_BxT", "position_BxT",
+                "segment_BxT", "length_B")
 
 # Domain wording: (item noun, verb, genre noun).
 DOMAINS = {
@@ -171,8 +172,9 @@ class Catalog:
 def history_window(record: Mapping[str, Any], cut: int, window: int) -> dict[str, np.ndarray]:
   """The ``window`` events before ``cut`` as left-aligned, padded encoder inputs.
 
-  Returns ``item_T, genre_TxG, rating_T, timegap_T, position_T, segment_T`` (all
-  int32, ``T = window``; padding 0, ``segment`` 1 on real events) and ``length``.
+  Returns :data:`HISTORY_KEYS`: ``item_BxT, genre_BxTxG, rating_BxT, timegap_BxT,
+  position_BxT, segment_BxT`` (one example, so ``[T]`` / ``[T, G]``; all int32,
+  ``T = window``; padding 0, ``segment`` 1 on real events) and ``length_B`` (a scalar).
   Time gaps (``data/sequences.py:timegap_ids``, the ids the encoder was
   pretrained on) are taken from the record's ``timegap`` or computed on the
   full sequence, so the first event of the window keeps its gap to the event
@@ -189,25 +191,26 @@ def history_window(record: Mapping[str, Any], cut: int, window: int) -> dict[str
     genre = genre[:, None]
   g = genre.shape[1]
   out = {
-      "item": np.zeros((window,), np.int32),
-      "genre": np.zeros((window, g), np.int32),
-      "rating": np.zeros((window,), np.int32),
-      "timegap": np.zeros((window,), np.int32),
-      "position": np.zeros((window,), np.int32),
-      "segment": np.zeros((window,), np.int32),
+      "item_BxT": np.zeros((window,), np.int32),
+      "genre_BxTxG": np.zeros((window, g), np.int32),
+      "rating_BxT": np.zeros((window,), np.int32),
+      "timegap_BxT": np.zeros((window,), np.int32),
+      "position_BxT": np.zeros((window,), np.int32),
+      "segment_BxT": np.zeros((window,), np.int32),
   }
-  out["item"][:length] = item[start:cut]
-  out["genre"][:length] = genre[start:cut]
+  out["item_BxT"][:length] = item[start:cut]
+  out["genre_BxTxG"][:length] = genre[start:cut]
   if "rating" in record and record["rating"] is not None:
-    out["rating"][:length] = np.asarray(record["rating"])[start:cut]
+    out["rating_BxT"][:length] = np.asarray(record["rating"])[start:cut]
   if record.get("timegap") is not None:
-    out["timegap"][:length] = np.asarray(record["timegap"])[start:cut]
+    out["timegap_BxT"][:length] = np.asarray(record["timegap"])[start:cut]
   elif record.get("timestamp") is not None:
     from userllm_jax.data import sequences  # pylint: disable=g-import-not-at-top
-    out["timegap"][:length] = sequences.timegap_ids(np.asarray(record["timestamp"])[:cut])[start:cut]
-  out["position"][:length] = np.arange(length)
-  out["segment"][:length] = 1
-  out["length"] = np.int32(length)
+    out["timegap_BxT"][:length] = sequences.timegap_ids(
+        np.asarray(record["timestamp"])[:cut])[start:cut]
+  out["position_BxT"][:length] = np.arange(length)
+  out["segment_BxT"][:length] = 1
+  out["length_B"] = np.int32(length)
   return out
 
 
@@ -274,7 +277,7 @@ def make_example(record: Mapping[str, Any], user_index: int, cut: int, task: str
       return None
     return Example(user_index, task, cut, hist, prompt_for(task, catalog), title, item_id)
   if task == "fav_genre":
-    gid = favourite_genre(hist["genre"], int(hist["length"]),
+    gid = favourite_genre(hist["genre_BxTxG"], int(hist["length_B"]),
                           ignore=catalog.uninformative_genres)
     if gid < 2:
       return None
@@ -396,12 +399,12 @@ def history_items(example: Example, catalog: Catalog) -> list[HistoryItem]:
   """The example's history window as :class:`HistoryItem` rows, oldest first."""
   h = example.history
   out = []
-  for t in range(int(h["length"])):
-    iid = int(h["item"][t])
+  for t in range(int(h["length_B"])):
+    iid = int(h["item_BxT"][t])
     title = catalog.item_titles[iid] if iid < catalog.num_items and catalog.item_titles[iid] else (
         f"item {iid}")
-    out.append(HistoryItem(title=title, genres=catalog.genres_text(h["genre"][t].tolist()),
-                           rating=catalog.rating_text(int(h["rating"][t]))))
+    out.append(HistoryItem(title=title, genres=catalog.genres_text(h["genre_BxTxG"][t].tolist()),
+                           rating=catalog.rating_text(int(h["rating_BxT"][t]))))
   return out
 
 
@@ -489,8 +492,7 @@ def history_features(example: Example) -> dict[str, np.ndarray]:
   :func:`prompt_batch`) stacks them into the shapes the names say.
   """
   h = example.history
-  out = {BATCH_NAMES[k]: np.asarray(h[k], np.int32) for k in HISTORY_FIELDS}
-  out["length_B"] = np.int32(h["length"])
+  out = {k: np.asarray(h[k], np.int32) for k in HISTORY_KEYS}
   out["target_id_B"] = np.int32(example.target_id)
   out["user_index_B"] = np.int32(example.user_index)
   return out

@@ -25,7 +25,15 @@ from flax import nnx
 
 from userllm_jax.models.common import RMSNorm, param
 
-_init = jax.nn.initializers.normal(stddev=0.02)
+# Fan-in initialisation: unit-variance branch outputs at any width.  (GPT-style 0.02 made
+# the cross-attention update ~0.02 of the latents' scale at width 64, so the user tokens of
+# two users differed by ~1%: the LLM could hardly tell users apart at the start of stage 2.)
+_init = jax.nn.initializers.lecun_normal()                                 # [in, out]
+_init_qkv = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))   # [in, heads, dim]
+_init_out = jax.nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)   # [heads, dim, out]
+# The learned latents start small: the first cross-attention (whose output depends on the
+# user) then dominates the latents' content instead of a shared learned offset.
+LATENT_INIT_STDDEV = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +96,13 @@ class _Attention(nnx.Module):
 
   def __init__(self, q_dim: int, kv_dim: int, num_heads: int, head_dim: int, *,
                rngs: nnx.Rngs, param_dtype=jnp.float32):
-    self.q_proj = param(rngs, _init, (q_dim, num_heads, head_dim),
+    self.q_proj = param(rngs, _init_qkv, (q_dim, num_heads, head_dim),
                         ("embed", "heads", "head_dim"), param_dtype)
-    self.k_proj = param(rngs, _init, (kv_dim, num_heads, head_dim),
+    self.k_proj = param(rngs, _init_qkv, (kv_dim, num_heads, head_dim),
                         ("embed", "heads", "head_dim"), param_dtype)
-    self.v_proj = param(rngs, _init, (kv_dim, num_heads, head_dim),
+    self.v_proj = param(rngs, _init_qkv, (kv_dim, num_heads, head_dim),
                         ("embed", "heads", "head_dim"), param_dtype)
-    self.o_proj = param(rngs, _init, (num_heads, head_dim, q_dim),
+    self.o_proj = param(rngs, _init_out, (num_heads, head_dim, q_dim),
                         ("heads", "head_dim", "embed"), param_dtype)
 
   def __call__(self, x_BxLxD, kv_BxMxE, mask_BxM, dtype):
@@ -155,7 +163,7 @@ class PerceiverResampler(nnx.Module):
     cfg.validate()
     self.cfg = cfg
     pd = jnp.dtype(cfg.param_dtype)
-    self.latents = param(rngs, jax.nn.initializers.normal(stddev=1.0),
+    self.latents = param(rngs, jax.nn.initializers.normal(stddev=LATENT_INIT_STDDEV),
                          (cfg.num_latents, cfg.width), ("latents", "embed"), pd)
     self.layers = nnx.List([PerceiverLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.width, rngs=rngs, param_dtype=pd)

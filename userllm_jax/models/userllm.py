@@ -20,10 +20,9 @@
 * A user with an empty history gets a mask of all False: cross-attention contributes exactly
   zero and the soft prompt is fully masked, i.e. the LLM sees only the prompt.
 
-History batches: either the encoder's keys (``item_BxT``, ``segment_BxT``, ``position_BxT``,
-``genre_BxTxG``, ``rating_BxT``, ``timegap_BxT``) or the stage-2 task keys of
-:mod:`userllm_jax.data.tasks` (``item``, ``segment``, ``position``, ``genre``, ``rating``,
-``timegap``); :func:`history_inputs` maps the latter onto the former.
+History batches use the encoder's keys (``item_BxT``, ``segment_BxT``, ``position_BxT``,
+``genre_BxTxG``, ``rating_BxT``, ``timegap_BxT``), as :mod:`userllm_jax.data.tasks` spells
+them from the example on.
 
 Training strategies (:func:`trainable_filter`), as nnx filters for
 ``nnx.Optimizer(model, tx, wrt=filter)`` or ``nnx.state(model, filter)``:
@@ -56,12 +55,6 @@ from userllm_jax.models.xattn import GatedCrossAttention
 
 MODES = ("xattn", "soft_prompt")
 STRATEGIES = ("full", "enc", "lora", "proj")
-
-# Stage-2 task keys (data/tasks.py) -> encoder batch keys.
-_TASK_TO_ENCODER_KEYS = {
-    "item": "item_BxT", "segment": "segment_BxT", "position": "position_BxT",
-    "genre": "genre_BxTxG", "rating": "rating_BxT", "timegap": "timegap_BxT",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,18 +169,14 @@ class Projector(nnx.Module):
 
 
 def history_inputs(history_batch: Mapping[str, Any]) -> tuple[dict[str, Any], jax.Array]:
-  """``(encoder_batch, valid_BxT)`` from a history batch in either key convention.
+  """``(encoder_batch, valid_BxT)`` from a history batch (the encoder's keys).
 
-  Raises KeyError naming the accepted keys when neither ``item_BxT`` nor ``item`` is present.
+  Raises KeyError naming the keys present when ``item_BxT`` is missing.
   """
-  if "item_BxT" in history_batch:
-    batch = dict(history_batch)
-  elif "item" in history_batch:
-    batch = {_TASK_TO_ENCODER_KEYS[k]: v for k, v in history_batch.items()
-             if k in _TASK_TO_ENCODER_KEYS}
-  else:
-    raise KeyError(f"UserLLM: history batch needs 'item_BxT' (encoder keys) or 'item' "
-                   f"(data/tasks.py keys); got keys {sorted(history_batch)}")
+  if "item_BxT" not in history_batch:
+    raise KeyError(f"UserLLM: history batch needs 'item_BxT' (and the encoder's other "
+                   f"history keys); got keys {sorted(history_batch)}")
+  batch = dict(history_batch)
   item_BxT = jnp.asarray(batch["item_BxT"])
   if item_BxT.ndim != 2:
     raise ValueError(f"UserLLM: history item ids must be [B, T], got shape {item_BxT.shape}")

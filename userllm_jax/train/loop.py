@@ -153,9 +153,14 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
                  eval_fn: Optional[Callable[[nnx.Module, int], dict]] = None,
                  mesh: Optional[jax.sharding.Mesh] = None,
                  step_hook: Optional[Callable[[int, LoopContext], None]] = None,
-                 exit_on_preemption: bool = True) -> TrainResult:
-  """Train (or resume training) to ``config.train.steps``; see the module doc."""
-  tcfg = config.train
+                 exit_on_preemption: bool = True,
+                 train_config: Any = None) -> TrainResult:
+  """Train (or resume training) to ``config.train.steps``; see the module doc.
+
+  ``train_config`` replaces ``config.train`` (a job that trains several models, each with
+  its own section, passes it instead of re-packing the config).
+  """
+  tcfg = config.train if train_config is None else train_config
   total_steps = int(tcfg.steps)
   if total_steps < 0:
     raise ValueError(f"train.steps={total_steps}: must be >= 0")

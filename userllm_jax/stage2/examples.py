@@ -1,0 +1,106 @@
+"""Stage-2 examples: users split into train / test, task examples, histories cut to a length.
+
+The examples come from :mod:`userllm_jax.data.tasks`; this module decides *which* users and
+cuts a job uses (``config.tasks``), and turns examples into this process's training stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from userllm_jax.data import tasks as tasks_lib
+
+DEFAULT_MAX_REVIEW_TOKENS = 64
+
+
+def target_budgets(config) -> tuple[int, dict[str, int]]:
+  """(padded target length, task -> target token limit incl. EOS) of stage 2.
+
+  Titles and genres use ``config.max_target_tokens``; reviews
+  ``config.max_review_tokens`` (default 64), also the generation limit at eval.
+  """
+  max_target = int(config.max_target_tokens)
+  budgets = {str(t): max_target for t in config.tasks.names}
+  if "review" in budgets:
+    budgets["review"] = int(config.get("max_review_tokens", DEFAULT_MAX_REVIEW_TOKENS))
+  return max(budgets.values(), default=max_target), budgets
+
+
+@dataclasses.dataclass
+class TaskData:
+  """The stage-2 examples of a job: every method trains and is tested on these."""
+  train: list                  # training examples (all tasks, interleaved, shuffled)
+  test: dict                   # task -> test examples (one per test user with a target)
+  train_users: np.ndarray
+  test_users: np.ndarray
+
+
+def build_task_data(config, prepared, catalog: tasks_lib.Catalog) -> TaskData:
+  """Users split by ``config.seed`` into ``tasks.num_test_users`` test users and the rest."""
+  tc = config.tasks
+  tr_users, te_users = tasks_lib.split_users(prepared.num_users, int(tc.num_test_users),
+                                             int(config.seed))
+  if int(tc.get("max_train_users", 0)) > 0:
+    tr_users = np.random.default_rng(int(config.seed) + 1).permutation(tr_users)[
+        :int(tc.max_train_users)]
+  train, test = [], {}
+  for task in tc.names:
+    train += tasks_lib.build_examples(
+        prepared, tr_users, task, catalog, split="train", window=int(tc.window),
+        min_history=int(tc.min_history), stride=int(tc.stride),
+        max_examples_per_user=int(tc.max_examples_per_user))
+    test[task] = tasks_lib.build_examples(prepared, te_users, task, catalog, split="test",
+                                          window=int(tc.window),
+                                          min_history=int(tc.min_history))
+    if not test[task]:
+      raise ValueError(f"config.tasks: task {task!r} has no test example among "
+                       f"{len(te_users)} test users (min_history={tc.min_history})")
+  np.random.default_rng(int(config.seed) + 2).shuffle(train)
+  logging.info("tasks: %d training examples from %d users; test: %s", len(train),
+               len(tr_users), {k: len(v) for k, v in test.items()})
+  return TaskData(train, test, tr_users, te_users)
+
+
+def truncate_history(ex: tasks_lib.Example, n: int) -> tasks_lib.Example:
+  """The same example with only its most recent ``n`` history events (left-aligned)."""
+  h = ex.history
+  length = int(h["length_B"])
+  k = min(n, length)
+  new = {}
+  for key in tasks_lib.HISTORY_KEYS:
+    if key == "length_B":
+      continue
+    arr = np.zeros_like(h[key])
+    arr[:k] = h[key][length - k:length]
+    new[key] = arr
+  new["position_BxT"][:k] = np.arange(k)
+  new["length_B"] = np.int32(k)
+  return dataclasses.replace(ex, history=new)
+
+
+def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequence[str],
+                    tokenizer, *, max_prompt_tokens: int, batch_size: int):
+  """This process's stream of stage-2 training batches (a Grain dataset iterator).
+
+  Every process tokenizes the same examples and shuffles them with the same seed, then
+  takes every ``process_count``-th batch row: the global batch of ``batch_size`` rows is
+  exactly the single-process batch, split over processes.
+  """
+  target_len, budgets = target_budgets(config)
+  nproc = jax.process_count()
+  if batch_size % nproc:
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by the "
+                     f"{nproc} processes")
+  ds = tasks_lib.stage2_dataset(examples, prompts, tokenizer, max_prompt_tokens=max_prompt_tokens,
+                                max_target_tokens=target_len, task_target_tokens=budgets,
+                                truncate_tasks=("review",), batch_size=batch_size,
+                                seed=int(config.seed))
+  if nproc > 1:
+    pid = jax.process_index()
+    ds = ds.map(lambda b: {k: v[pid::nproc] for k, v in b.items()})
+  return iter(ds)

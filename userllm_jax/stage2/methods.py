@@ -1,0 +1,216 @@
+"""Stage-2 methods: User-LLM (cross-attention or soft prompt, four strategies) and TP.
+
+A method name says what is trained:
+
+==============================  ============================================================
+``userllm_xattn``               UserLLM, gated cross-attention, strategy ``userllm.strategy``
+``userllm_soft_prompt``         UserLLM, soft prompt, strategy ``userllm.strategy``
+``userllm_<mode>_<strategy>``   the same with an explicit strategy (full | enc | lora | proj)
+``tp_lora``                     the text-prompt baseline: the history serialized into the
+                                prompt (``tp.budget_tokens``), Gemma + LoRA (``tp.lora_*``)
+==============================  ============================================================
+
+:func:`build_method` gives a :class:`MethodSpec` (how to build, what trains, how to prompt,
+how to run the LLM); :func:`train_method` trains it with ``train/loop.py`` on the stage-2
+loss (:mod:`userllm_jax.stage2.loss`) and returns a :class:`TrainedMethod`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from userllm_jax.data import tasks as tasks_lib
+from userllm_jax.models import encoder as enc_lib
+from userllm_jax.models import gemma as gemma_lib
+from userllm_jax.models import lora as lora_lib
+from userllm_jax.models import userllm as ul
+from userllm_jax.stage2 import examples as examples_lib
+from userllm_jax.stage2 import loss as loss_lib
+
+KINDS = ("userllm", "tp")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodName:
+  """A parsed method name."""
+  name: str
+  kind: str                 # 'userllm' | 'tp'
+  mode: Optional[str]       # 'xattn' | 'soft_prompt' (userllm), None (tp)
+  strategy: str             # userllm: full | enc | lora | proj; tp: 'lora'
+
+
+def parse_method(name: str, config) -> MethodName:
+  """``config.methods`` entry -> :class:`MethodName`; unknown names raise naming the field."""
+  if name == "tp_lora":
+    return MethodName(name, "tp", None, "lora")
+  if name.startswith("userllm_"):
+    rest = name[len("userllm_"):]
+    for mode in ul.MODES:
+      if rest == mode:
+        return MethodName(name, "userllm", mode, str(config.userllm.strategy))
+      if rest.startswith(mode + "_") and rest[len(mode) + 1:] in ul.STRATEGIES:
+        return MethodName(name, "userllm", mode, rest[len(mode) + 1:])
+  known = [f"userllm_{m}" for m in ul.MODES] + [
+      f"userllm_{m}_{s}" for m in ul.MODES for s in ul.STRATEGIES] + ["tp_lora"]
+  raise ValueError(f"config.methods: unknown method {name!r}; known: {known}")
+
+
+@dataclasses.dataclass
+class MethodSpec:
+  """How to build, train, prompt and run one method."""
+  method: MethodName
+  build_model: Callable[[nnx.Rngs], nnx.Module]
+  trainable: Any                              # nnx filter of the trained parameters
+  prompt_fn: Callable[[tasks_lib.Example], str]
+  max_prompt_tokens: int
+  train: ml_collections.ConfigDict            # the train/loop.py section it trains with
+
+  @property
+  def name(self) -> str:
+    return self.method.name
+
+  @property
+  def kind(self) -> str:
+    return self.method.kind
+
+  def llm(self, model) -> gemma_lib.Gemma3:
+    """The Gemma inside ``model`` (the sampler runs it)."""
+    return model.gemma if self.kind == "userllm" else model
+
+  def user_inputs(self, model, batch, *, deterministic: bool = True, rng=None) -> dict:
+    """The Gemma keyword arguments carrying the users (none for TP)."""
+    if self.kind == "userllm":
+      return model.llm_inputs(history_batch(batch), deterministic=deterministic, rng=rng)
+    return {}
+
+  def forward(self, model, batch, *, deterministic: bool = True, rng=None) -> loss_lib.Forward:
+    """``(tokens, input_mask, logits_positions, vocab_ids) -> logits`` for the loss."""
+    kw = self.user_inputs(model, batch, deterministic=deterministic, rng=rng)
+    llm = self.llm(model)
+
+    def fwd(tokens, input_mask, logits_positions, vocab_ids):
+      extra = {} if vocab_ids is None else {"logits_vocab_ids": vocab_ids}
+      return llm(tokens, input_mask_BxL=input_mask, logits_positions=logits_positions,
+                 **kw, **extra)
+    return fwd
+
+
+def history_batch(batch) -> dict:
+  """The encoder inputs (``item_BxT`` ...) of a stage-2 batch."""
+  return {k: batch[k] for k in tasks_lib.HISTORY_KEYS if k in batch and k != "length_B"}
+
+
+def _params(module) -> nnx.State:
+  return nnx.state(module, nnx.Param)
+
+
+def build_method(config, name: str, *, encoder: Optional[enc_lib.UserEncoder],
+                 gemma: gemma_lib.Gemma3, tokenizer, catalog: tasks_lib.Catalog) -> MethodSpec:
+  """The :class:`MethodSpec` of ``name`` around the pretrained encoder and Gemma.
+
+  ``build_model(rngs)`` copies the pretrained parameters into a freshly built model, so it
+  can run under ``jax.jit``/``nnx.eval_shape`` (train/loop.py builds it there, sharded).
+  """
+  m = parse_method(name, config)
+  gcfg = gemma.cfg
+  gemma_params = _params(gemma)
+  if m.kind == "userllm":
+    if encoder is None:
+      raise ValueError(f"method {name!r} needs the stage-1 encoder")
+    ucfg = ul.UserLLMConfig.from_config(config.userllm, mode=m.mode, strategy=m.strategy)
+    ecfg = encoder.cfg
+    enc_params = _params(encoder)
+
+    def build_model(rngs):
+      e = enc_lib.UserEncoder(ecfg, rngs=rngs)
+      nnx.update(e, enc_params)
+      g = gemma_lib.Gemma3(gcfg, rngs=rngs)
+      nnx.update(g, gemma_params)
+      return ul.build_userllm(ucfg, encoder=e, gemma=g, rngs=rngs)
+
+    return MethodSpec(m, build_model, ul.trainable_filter(ucfg.strategy),
+                      lambda ex: ex.prompt, int(config.max_prompt_tokens), config.train)
+
+  lcfg = lora_lib.LoRAConfig(rank=int(config.tp.lora_rank), alpha=float(config.tp.lora_alpha),
+                             targets=tuple(config.tp.lora_targets))
+  tp_cfg = gcfg.replace(lora=lcfg, cross_attention_layers=())
+
+  def build_tp(rngs):
+    g = gemma_lib.Gemma3(tp_cfg, rngs=rngs)
+    nnx.update(g, gemma_params)
+    return g
+
+  budget = int(config.tp.budget_tokens)
+  train = ml_collections.ConfigDict(config.train.to_dict())
+  if int(config.tp.get("steps", 0)) > 0:
+    train.steps = int(config.tp.steps)
+  return MethodSpec(m, build_tp, lora_lib.LoRAParam,
+                    lambda ex: tasks_lib.tp_prompt(ex, catalog, tokenizer, budget)[0],
+                    int(config.max_prompt_tokens) + budget + 8, train)
+
+
+@dataclasses.dataclass
+class TrainedMethod:
+  spec: MethodSpec
+  model: nnx.Module
+  train_info: dict
+
+  @property
+  def name(self) -> str:
+    return self.spec.name
+
+  @property
+  def kind(self) -> str:
+    return self.spec.kind
+
+
+def make_loss_fn(spec: MethodSpec, *, max_target_tokens: int,
+                 vocab_ids: Optional[np.ndarray]) -> Callable:
+  """``loss_fn(model, batch, rng)`` for train/loop.py: the one stage-2 loss."""
+  v = None if vocab_ids is None else jnp.asarray(vocab_ids, jnp.int32)
+
+  def loss_fn(model, batch, rng):
+    return loss_lib.next_token_loss(
+        spec.forward(model, batch, deterministic=False, rng=rng), batch,
+        max_target_tokens=max_target_tokens, vocab_ids=v)
+  return loss_fn
+
+
+def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequence,
+                 tokenizer, *, vocab_ids: Optional[np.ndarray],
+                 steps: Optional[int] = None) -> TrainedMethod:
+  """Trains (or resumes) ``spec`` in ``workdir/<name>`` for ``spec.train.steps`` (or ``steps``)."""
+  from userllm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  prompts = [spec.prompt_fn(ex) for ex in train_examples]
+  train_cfg = ml_collections.ConfigDict(spec.train.to_dict())
+  if steps is not None:
+    train_cfg.steps = int(steps)
+  stream = examples_lib.training_stream(config, train_examples, prompts, tokenizer,
+                                        max_prompt_tokens=spec.max_prompt_tokens,
+                                        batch_size=int(train_cfg.batch_size))
+  target_len, _ = examples_lib.target_budgets(config)
+  t0 = time.time()
+  res = loop.run_training(config, os.path.join(workdir, spec.name),
+                          build_model=spec.build_model,
+                          loss_fn=make_loss_fn(spec, max_target_tokens=target_len,
+                                               vocab_ids=vocab_ids),
+                          train_iter=stream, trainable=spec.trainable, train_config=train_cfg)
+  hist = [(s, m.get("loss")) for s, m in res.history]
+  info = {"steps": res.step, "seconds": time.time() - t0, "batch_size": int(train_cfg.batch_size),
+          "first_loss": hist[0][1] if hist else None, "final_loss": hist[-1][1] if hist else None,
+          "flops_per_step": res.compile_stats.get("cost_flops"),
+          "loss_curve": hist}
+  if info["flops_per_step"]:
+    info["train_tflops"] = info["flops_per_step"] * res.step / 1e12
+  logging.info("%s trained: %s", spec.name, {k: v for k, v in info.items() if k != "loss_curve"})
+  return TrainedMethod(spec, res.model, info)
