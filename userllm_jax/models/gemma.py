@@ -312,11 +312,35 @@ class Gemma3(nnx.Module):
     x = jnp.take(emb, tokens_BxL, axis=0).astype(self.dtype)
     return x * jnp.sqrt(jnp.float32(self.cfg.embed_dim)).astype(self.dtype)
 
-  def logits(self, hidden_BxLxD: jax.Array) -> jax.Array:
-    """Tied output projection of the final (normed) hidden state, float32 logits."""
-    emb = self.embedder.input_embedding[...].astype(self.dtype)
-    return jnp.einsum("...d,vd->...v", hidden_BxLxD.astype(self.dtype), emb,
-                      preferred_element_type=jnp.float32)
+  def logits(self, hidden_BxLxD: jax.Array,
+             vocab_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Tied output projection of the final (normed) hidden state, float32 logits.
+
+    ``vocab_ids``: optional int ``[K]`` (shared by all rows) or ``[B, K]`` (one set per row
+    of the leading axis of ``hidden``): logits only against those rows of the embedding
+    table, output ``[..., K]`` in the order of ``vocab_ids`` (column ``k`` is the logit of
+    token ``vocab_ids[..., k]``).  Costs ``K / V`` of the full projection.
+    """
+    hidden = hidden_BxLxD.astype(self.dtype)
+    emb_VxD = self.embedder.input_embedding[...]
+    if vocab_ids is None:
+      return jnp.einsum("...d,vd->...v", hidden, emb_VxD.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    ids = jnp.asarray(vocab_ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"Gemma3.logits: vocab_ids must be integer token ids, got dtype "
+                       f"{ids.dtype}")
+    if ids.ndim == 1:
+      emb_KxD = jnp.take(emb_VxD, ids, axis=0).astype(self.dtype)
+      return jnp.einsum("...d,kd->...k", hidden, emb_KxD, preferred_element_type=jnp.float32)
+    if ids.ndim == 2:
+      if hidden.ndim < 2 or hidden.shape[0] != ids.shape[0]:
+        raise ValueError(f"Gemma3.logits: vocab_ids [B, K] = {ids.shape} needs hidden with "
+                         f"leading batch {ids.shape[0]}, got hidden shape {hidden.shape}")
+      emb_BxKxD = jnp.take(emb_VxD, ids, axis=0).astype(self.dtype)
+      return jnp.einsum("b...d,bkd->b...k", hidden, emb_BxKxD,
+                        preferred_element_type=jnp.float32)
+    raise ValueError(f"Gemma3.logits: vocab_ids must be [K] or [B, K], got shape {ids.shape}")
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> Cache:
     """An empty KV cache with ``max_len`` slots (prefix + prompt + generated tokens)."""
@@ -340,6 +364,7 @@ class Gemma3(nnx.Module):
                media_BxMxD: Optional[jax.Array] = None,
                media_mask_BxM: Optional[jax.Array] = None,
                logits_positions: Optional[jax.Array] = None,
+               logits_vocab_ids: Optional[jax.Array] = None,
                return_hidden: bool = False,
                cache: Optional[Cache] = None):
     """Forward pass.
@@ -354,13 +379,17 @@ class Gemma3(nnx.Module):
       media_BxMxD / media_mask_BxM: inputs of the cross-attention blocks (required iff
         ``cfg.cross_attention_layers``).
       logits_positions: int [B, N] (or [N]) indices into the token part: logits only there.
+      logits_vocab_ids: int [K] (or [B, K]) token ids: logits only against those rows of the
+        tied embedding table, output [..., K] (see :meth:`logits`); composes with
+        ``logits_positions``.  Ignored with ``return_hidden``.
       return_hidden: return the final normed hidden state of the token part instead of
         logits (use :meth:`logits` on the rows you need).
       cache: a cache from :meth:`init_cache`; the chunk (prefix + tokens) is written at
         ``cache['index']``. Then the result is ``(out, new_cache)``.
 
     Returns:
-      float32 logits [B, L, V] (or [B, N, V]), or hidden [B, L, D]; plus the new cache if
+      float32 logits [B, L, V] (or [B, N, V]; V -> K with ``logits_vocab_ids``), or hidden
+      [B, L, D]; plus the new cache if
       ``cache`` was given.
     """
     cfg = self.cfg
@@ -444,7 +473,12 @@ class Gemma3(nnx.Module):
         lp = jnp.broadcast_to(lp[None], (B, lp.shape[0]))
       x = jnp.take_along_axis(x, lp[:, :, None], axis=1)
     h = self.final_norm(x)
-    out = h if return_hidden else self.logits(h)
+    if logits_vocab_ids is not None:
+      ids = jnp.asarray(logits_vocab_ids)
+      if ids.ndim not in (1, 2) or (ids.ndim == 2 and ids.shape[0] != B):
+        raise ValueError(f"Gemma3: logits_vocab_ids must be [K] or [B={B}, K], got shape "
+                         f"{ids.shape}")
+    out = h if return_hidden else self.logits(h, logits_vocab_ids)
     return out if cache is None else (out, new_cache)
 
 
