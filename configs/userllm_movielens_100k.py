@@ -31,11 +31,17 @@ def get_config(arg: str = ""):
   if arg == "tiny":
     return _tiny()
   c = base.userllm_job(base.encoder_job("movielens-100k"))
+  c.max_prompt_tokens = 16       # "Which movie will the user watch next?" is 11 with BOS
+  c.max_target_tokens = 30       # the longest ml-100k title is 28 Gemma tokens (+ EOS)
   if arg == "full":
+    # Histories up to 200 events: the encoder's positions must cover them.
+    c.encoder.data.max_len = 200
     c.methods = tuple(f"userllm_{m}_{s}" for m in ("xattn", "soft_prompt")
                       for s in ("full", "enc", "lora", "proj")) + ("tp_lora",)
-    c.tasks.num_test_users = 200
-    c.tasks.history_lengths = (10, 25, 50)
+    c.tasks.update(dict(window=200, history_lengths=(10, 25, 50, 100, 200),
+                        num_test_users=200, stride=10, max_examples_per_user=8))
+    c.tp.budget_tokens = 2048     # ~100 items of text: TP reads the newest ones that fit
+    c.train.update(dict(steps=500, batch_size=16, lr=2e-3, warmup_steps=30))
     c.llm.dtype = "bfloat16"
     return c
   # 2 CPU cores.

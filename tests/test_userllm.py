@@ -10,8 +10,9 @@ from flax import nnx
 from userllm_jax.models import gemma as gemma_lib
 from userllm_jax.models.encoder import EncoderConfig, UserEncoder
 from userllm_jax.models.lora import LoRAParam
+from userllm_jax.stage2.loss import next_token_loss
 from userllm_jax.models.userllm import (UserLLM, UserLLMConfig, build_userllm, history_inputs,
-                                        load_encoder_from_checkpoint, next_token_loss,
+                                        load_encoder_from_checkpoint,
                                         trainable_filter)
 
 ENC = EncoderConfig(num_items=20, embed_dim=16, num_layers=1, num_heads=2, max_len=8,
@@ -110,13 +111,13 @@ def test_embed_users_shapes_masks_and_batch_independence(use_perceiver):
   np.testing.assert_allclose(logits1[0], logits[1, :3], rtol=1e-4, atol=1e-4)
 
 
-def test_task_keys_and_encoder_keys_agree():
+def test_history_keys_are_the_encoders():
+  """One spelling from the task pipeline to the encoder: the short names are refused."""
   model, _ = _build()
   hist = _history()
-  task_hist = {k[:-len("_BxT")]: v for k, v in hist.items()}
-  a, _ = model.embed_users(hist)
-  b, _ = model.embed_users(task_hist)
-  assert jnp.array_equal(a, b)
+  short = {k[:-len("_BxT")]: v for k, v in hist.items()}
+  with pytest.raises(KeyError, match="item_BxT"):
+    model.embed_users(short)
   with pytest.raises(KeyError, match="item_BxT"):
     history_inputs({"tokens": np.zeros((1, 2))})
 
@@ -156,13 +157,16 @@ def _train(strategy, mode="xattn", steps=3):
   opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=trainable_filter(strategy))
   hist = _history()
   tokens, mask = _tokens()
-  batch = dict(hist, tokens=tokens, targets=np.roll(tokens, -1, axis=1),
-               loss_mask=mask.astype(np.int32), input_mask=mask)
+  L = tokens.shape[1]
+  batch = dict(hist, tokens_BxL=tokens, targets_BxL=np.roll(tokens, -1, axis=1),
+               loss_mask_BxL=mask.astype(np.int32), input_mask_BxL=mask,
+               prompt_len_B=np.ones((tokens.shape[0],), np.int32))
 
   @nnx.jit
   def step(model, opt, batch):
     def loss_fn(m):
-      return next_token_loss(m, batch)[0]
+      fwd = lambda t, msk, lp, v: m(batch, t, msk, logits_positions=lp)
+      return next_token_loss(fwd, batch, max_target_tokens=L)[0]
     grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, trainable_filter(strategy)))(model)
     opt.update(model, grads)
 
@@ -219,38 +223,6 @@ def test_unknown_strategy_raises():
 
 
 # --- loss, prefill, encoder restore ------------------------------------------------------------
-
-
-def test_next_token_loss_at_target_positions_equals_full_logits_loss():
-  model, _ = _build(CFG.replace(mode="soft_prompt"))
-  rng = np.random.default_rng(5)
-  B, P, Tt = 3, 4, 3
-  L = P + Tt
-  tokens = rng.integers(3, GEMMA.vocab_size, (B, L)).astype(np.int32)
-  prompt_len = np.array([4, 2, 3], np.int32)
-  targets = np.roll(tokens, -1, 1)
-  loss_mask = np.zeros((B, L), np.int32)
-  for b in range(B):
-    loss_mask[b, prompt_len[b] - 1:prompt_len[b] + 1] = 1
-  batch = dict(_history(), tokens=tokens, targets=targets, loss_mask=loss_mask,
-               input_mask=np.ones((B, L), np.int32), prompt_len=prompt_len)
-  full, _ = next_token_loss(model, batch)
-  part, m = next_token_loss(model, batch, max_target_tokens=Tt)
-  np.testing.assert_allclose(float(part), float(full), rtol=1e-6)
-  assert float(m["num_tokens"]) == loss_mask.sum()
-  # Against a direct computation from the logits.
-  logits = np.asarray(model(batch, tokens, np.ones((B, L), bool)), np.float64)
-  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-      - logits.max(-1, keepdims=True)
-  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-  np.testing.assert_allclose(float(full), (nll * loss_mask).sum() / loss_mask.sum(), rtol=1e-5)
-  # data/tasks.py's shape-suffixed keys give the same loss.
-  suffixed = dict(_history(), tokens_BxL=tokens, targets_BxL=targets, loss_mask_BxL=loss_mask,
-                  input_mask_BxL=np.ones((B, L), np.int32), prompt_len_B=prompt_len)
-  part2, _ = next_token_loss(model, suffixed, max_target_tokens=Tt)
-  assert float(part2) == float(part)
-  with pytest.raises(KeyError, match="tokens_BxL"):
-    next_token_loss(model, dict(_history()))
 
 
 @pytest.mark.parametrize("mode", ["xattn", "soft_prompt"])

@@ -28,28 +28,30 @@ def _reference(blk, x, media, mask):
       "norm": blk.norm.scale[...], "q": blk.q_proj[...], "k": blk.k_proj[...],
       "v": blk.v_proj[...], "o": blk.o_proj[...], "fnorm": blk.ffw_norm.scale[...],
       "g": blk.gate_proj[...], "u": blk.up_proj[...], "d": blk.down_proj[...],
-      "ga": blk.attn_gate[...], "gf": blk.ffw_gate[...]}.items()}
+      "ga": blk.attn_gate[...], "gf": blk.ffw_gate[...], "mnorm": blk.media_norm.scale[...]}.items()}
   x = np.asarray(x, np.float64)
   media = np.asarray(media, np.float64)
   B, L, _ = x.shape
   out = np.zeros_like(x)
   for b in range(B):
+    s_x = np.sqrt(np.mean(x[b] * x[b], -1, keepdims=True))   # the residual stream's RMS
+    m = _rms(media[b], p["mnorm"])
     h = _rms(x[b], p["norm"])
     attn = np.zeros((L, D))
     valid = np.nonzero(mask[b])[0]
     if len(valid):
       for n in range(H):
         q = h @ p["q"][:, n, :]                         # L x Dh
-        k = media[b, valid] @ p["k"][:, n, :]            # m x Dh
-        v = media[b, valid] @ p["v"][:, n, :]
+        k = m[valid] @ p["k"][:, n, :]                   # m x Dh
+        v = m[valid] @ p["v"][:, n, :]
         s = q @ k.T / np.sqrt(DH)
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         attn += (s @ v) @ p["o"][n]
-    y = x[b] + np.tanh(p["ga"]) * attn
+    y = x[b] + np.tanh(p["ga"]) * s_x * attn
     h2 = _rms(y, p["fnorm"])
     ff = (_gelu_tanh(h2 @ p["g"]) * (h2 @ p["u"])) @ p["d"]
-    out[b] = y + np.tanh(p["gf"]) * ff
+    out[b] = y + np.tanh(p["gf"]) * s_x * ff
   return out
 
 
@@ -77,9 +79,28 @@ def test_matches_numpy_reference_with_open_gates():
   rng = np.random.default_rng(3)
   blk.norm.scale[...] = jnp.asarray(rng.normal(size=D) * 0.3, jnp.float32)
   blk.ffw_norm.scale[...] = jnp.asarray(rng.normal(size=D) * 0.3, jnp.float32)
+  blk.media_norm.scale[...] = jnp.asarray(rng.normal(size=E) * 0.3, jnp.float32)
   x, media, mask = _inputs()
+  x = x * 40.0    # a host LLM whose residual stream is far from unit scale
   y = blk(jnp.asarray(x), jnp.asarray(media), jnp.asarray(mask))
-  np.testing.assert_allclose(np.asarray(y), _reference(blk, x, media, mask), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(y), _reference(blk, x, media, mask), rtol=2e-5,
+                             atol=2e-5 * 40)
+
+
+def test_branch_writes_a_fraction_of_the_residual_stream_whatever_its_scale():
+  """residual_scale: scaling the stream by c scales the update by c (the gate reads as a
+  fraction of the stream); without it the update does not grow with the stream."""
+  x, media, mask = _inputs()
+  for residual_scale, expect in ((True, 100.0), (False, 1.0)):
+    blk = GatedCrossAttention(D, E, H, DH, F, rngs=nnx.Rngs(0), residual_scale=residual_scale)
+    blk.attn_gate[...] = jnp.asarray(0.5)
+    # (Without the scale the MLP branch would read a stream the attention update perturbed
+    # less: compare the attention branch alone there.)
+    blk.ffw_gate[...] = jnp.asarray(0.5 if residual_scale else 0.0)
+    d1 = np.asarray(blk(jnp.asarray(x), jnp.asarray(media), jnp.asarray(mask))) - x
+    d100 = (np.asarray(blk(jnp.asarray(100 * x), jnp.asarray(media), jnp.asarray(mask)))
+            - 100 * x)
+    np.testing.assert_allclose(d100[0], expect * d1[0], rtol=2e-3, atol=1e-3 * expect)
 
 
 def test_all_masked_media_gives_exactly_zero_attention_branch():

@@ -148,7 +148,7 @@ def userllm_job(encoder: ConfigDict, *, llm: str = "gemma3-270m",
 
   c.userllm = ConfigDict(dict(
       strategy="enc", use_perceiver=True, num_latents=16, perceiver_layers=2,
-      perceiver_heads=4, perceiver_head_dim=16, xattn_every=6, xattn_num_heads=2,
+      perceiver_heads=4, perceiver_head_dim=16, xattn_every=6, xattn_layers=(), xattn_num_heads=2,
       xattn_head_dim=64, xattn_mlp_dim=512))
 
   # steps: 0 = train.steps; budget 'flops': TP trains for as many steps as buy the training

@@ -20,10 +20,10 @@ or no user with N interactions): ``header + N * tokens_per_item + prompt`` with
 all 100,000 ml-100k lines (``--measure_tokens_per_item`` recomputes it).  The JSON says which
 source gave each count.
 
-Config fields read: ``llm.name`` (a ``models.gemma`` preset name such as ``gemma3-270m``, or
+Config fields read: ``llm.preset`` (a ``models.gemma`` preset name such as ``gemma3-270m``, or
 ``tiny``), ``encoder.model`` (``EncoderConfig`` fields; vocabulary sizes default to
 MovieLens-100k's), ``userllm`` (``UserLLMConfig`` fields; ``mode`` is set per variant),
-``data.domain``.
+``encoder.data.domain``.
 """
 
 from __future__ import annotations
@@ -137,8 +137,7 @@ def model_configs(config):
   from userllm_jax.models import gemma as gemma_lib  # pylint: disable=g-import-not-at-top
   from userllm_jax.models.encoder import EncoderConfig  # pylint: disable=g-import-not-at-top
   from userllm_jax.models.userllm import UserLLMConfig  # pylint: disable=g-import-not-at-top
-  llm_name = config.llm.name
-  gemma_cfg = gemma_lib.get_config(llm_name)
+  gemma_cfg = gemma_lib.get_config(config.llm.get("preset", config.llm.name))
   if "dtype" in config.llm:
     gemma_cfg = gemma_cfg.replace(dtype=config.llm.dtype, param_dtype=config.llm.dtype)
   enc_fields = dict(config.encoder.model.to_dict()) if "encoder" in config else {}
@@ -156,7 +155,7 @@ def run(config, history_lengths: Sequence[int], *, task: str = "next_item",
   """The comparison as a dict (see the module docstring)."""
   from userllm_jax.eval import flops as flops_lib  # pylint: disable=g-import-not-at-top
   userllm_cfg, encoder_cfg, gemma_cfg = model_configs(config)
-  domain = config.data.get("domain", "movielens") if "data" in config else "movielens"
+  domain = config.encoder.data.get("domain", "movielens")
   tokenizer = histories = None
   if use_tokenizer:
     try:

@@ -71,6 +71,9 @@ class UserLLMConfig:
     perceiver_self_attention: latent self-attention in every Perceiver layer.
     projector_hidden_dim: hidden width of the 2-layer projector; 0 -> the LLM width.
     xattn_every: cross-attention after layers i with (i + 1) % xattn_every == 0.
+    xattn_layers: explicit layers to put cross-attention after (overrides ``xattn_every``;
+      negative = from the end, -1 = after the last layer).  Late layers make training cheap:
+      the frozen layers below the first block need no backward pass.
     xattn_num_heads, xattn_head_dim, xattn_mlp_dim: cross-attention block sizes;
       0 -> the LLM's num_heads / head_dim / mlp_dim.
     lora_rank, lora_alpha, lora_targets: LoRA on the LLM (strategy 'lora' only).
@@ -88,6 +91,7 @@ class UserLLMConfig:
   perceiver_self_attention: bool = True
   projector_hidden_dim: int = 0
   xattn_every: int = 1
+  xattn_layers: tuple[int, ...] = ()
   xattn_num_heads: int = 0
   xattn_head_dim: int = 0
   xattn_mlp_dim: int = 0
@@ -114,6 +118,7 @@ class UserLLMConfig:
       if not isinstance(v, int) or v < 0:
         bad(name, "an int >= 0 (0 = default)", v)
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    object.__setattr__(self, "xattn_layers", tuple(int(i) for i in self.xattn_layers))
     jnp.dtype(self.dtype)
 
   @classmethod
@@ -141,6 +146,13 @@ class UserLLMConfig:
   def cross_attention_layers(self, num_layers: int) -> tuple[int, ...]:
     if self.mode != "xattn":
       return ()
+    if self.xattn_layers:
+      layers = sorted({i % num_layers if -num_layers <= i < num_layers else -1
+                       for i in self.xattn_layers})
+      if layers[0] < 0:
+        raise ValueError(f"UserLLMConfig.xattn_layers: {self.xattn_layers} outside the LLM's "
+                         f"{num_layers} layers")
+      return tuple(layers)
     return tuple(i for i in range(num_layers) if (i + 1) % self.xattn_every == 0)
 
   def lora_config(self) -> Optional[LoRAConfig]:
@@ -373,51 +385,6 @@ def trainable_filter(strategy: str):
   if strategy == "proj":
     return nnx.All(nnx.Param, _Under(_BRIDGE))
   raise ValueError(f"trainable_filter: strategy must be one of {STRATEGIES}, got {strategy!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage-2 loss.
-
-
-def next_token_loss(model: UserLLM, batch: Mapping[str, Any], *, deterministic: bool = True,
-                    rng: Optional[jax.Array] = None,
-                    max_target_tokens: Optional[int] = None) -> tuple[jax.Array, dict]:
-  """Mean next-token cross-entropy over ``loss_mask`` (a :func:`data.tasks.tokenize_example` batch).
-
-  Needs ``tokens_BxL``, ``targets_BxL``, ``loss_mask_BxL``, ``input_mask_BxL`` (or the same
-  names without the shape suffix) and the history keys.
-  With ``max_target_tokens`` (and ``prompt_len``) logits are computed only at the
-  ``max_target_tokens`` positions from ``prompt_len - 1`` on (where the loss lives), which
-  avoids a [B, L, V] logits tensor; the result is the same.
-  """
-  def get(name: str, suffix: str):
-    # data/tasks.py batches name their shapes (tokens_BxL); plain names are accepted too.
-    for key in (name + suffix, name):
-      if key in batch:
-        return batch[key]
-    raise KeyError(f"next_token_loss: batch has neither {name + suffix!r} nor {name!r}; "
-                   f"keys: {sorted(batch)}")
-
-  tokens = jnp.asarray(get("tokens", "_BxL"))
-  targets = jnp.asarray(get("targets", "_BxL"))
-  loss_mask = jnp.asarray(get("loss_mask", "_BxL")).astype(jnp.float32)
-  input_mask = jnp.asarray(get("input_mask", "_BxL")).astype(bool)
-  lp = None
-  if max_target_tokens is not None:
-    L = tokens.shape[1]
-    start_B = jnp.asarray(get("prompt_len", "_B")).astype(jnp.int32) - 1
-    lp = jnp.clip(start_B[:, None] + jnp.arange(max_target_tokens, dtype=jnp.int32), 0, L - 1)
-    in_range = (start_B[:, None] + jnp.arange(max_target_tokens)) < L
-    targets = jnp.take_along_axis(targets, lp, axis=1)
-    loss_mask = jnp.take_along_axis(loss_mask, lp, axis=1) * in_range
-  logits = model(batch, tokens, input_mask, logits_positions=lp, deterministic=deterministic,
-                 rng=rng)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  denom = jnp.maximum(loss_mask.sum(), 1.0)
-  loss = (nll * loss_mask).sum() / denom
-  acc = ((jnp.argmax(logits, -1) == targets) * loss_mask).sum() / denom
-  return loss, {"loss": loss, "token_accuracy": acc, "num_tokens": loss_mask.sum()}
 
 
 # ---------------------------------------------------------------------------------------------

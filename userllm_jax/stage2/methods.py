@@ -74,6 +74,9 @@ class MethodSpec:
   prompt_fn: Callable[[tasks_lib.Example], str]
   max_prompt_tokens: int
   train: ml_collections.ConfigDict            # the train/loop.py section it trains with
+  # Ablation: the user tokens are replaced by zeros (masks kept), i.e. the LLM gets no
+  # information about the user; shows whether a trained model uses its input.
+  ablate_users: bool = False
 
   @property
   def name(self) -> str:
@@ -89,9 +92,13 @@ class MethodSpec:
 
   def user_inputs(self, model, batch, *, deterministic: bool = True, rng=None) -> dict:
     """The Gemma keyword arguments carrying the users (none for TP)."""
-    if self.kind == "userllm":
-      return model.llm_inputs(history_batch(batch), deterministic=deterministic, rng=rng)
-    return {}
+    if self.kind != "userllm":
+      return {}
+    kw = model.llm_inputs(history_batch(batch), deterministic=deterministic, rng=rng)
+    if self.ablate_users:
+      kw = {k: (jnp.zeros_like(v) if k in ("media_BxMxD", "prefix_embeds_BxPxD") else v)
+            for k, v in kw.items()}
+    return kw
 
   def forward(self, model, batch, *, deterministic: bool = True, rng=None) -> loss_lib.Forward:
     """``(tokens, input_mask, logits_positions, vocab_ids) -> logits`` for the loss."""
@@ -138,8 +145,12 @@ def build_method(config, name: str, *, encoder: Optional[enc_lib.UserEncoder],
       nnx.update(g, gemma_params)
       return ul.build_userllm(ucfg, encoder=e, gemma=g, rngs=rngs)
 
+    train = ml_collections.ConfigDict(config.train.to_dict())
+    if m.strategy == "full":
+      # Every LLM weight trains: a bridge-sized learning rate would wreck the pretrained LLM.
+      train.lr = float(config.train.get("full_lr", 0.1 * float(config.train.lr)))
     return MethodSpec(m, build_model, ul.trainable_filter(ucfg.strategy),
-                      lambda ex: ex.prompt, int(config.max_prompt_tokens), config.train)
+                      lambda ex: ex.prompt, int(config.max_prompt_tokens), train)
 
   lcfg = lora_lib.LoRAConfig(rank=int(config.tp.lora_rank), alpha=float(config.tp.lora_alpha),
                              targets=tuple(config.tp.lora_targets))
@@ -208,9 +219,34 @@ def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequenc
   hist = [(s, m.get("loss")) for s, m in res.history]
   info = {"steps": res.step, "seconds": time.time() - t0, "batch_size": int(train_cfg.batch_size),
           "first_loss": hist[0][1] if hist else None, "final_loss": hist[-1][1] if hist else None,
-          "flops_per_step": res.compile_stats.get("cost_flops"),
-          "loss_curve": hist}
-  if info["flops_per_step"]:
-    info["train_tflops"] = info["flops_per_step"] * res.step / 1e12
+          "compiled_step_flops": res.compile_stats.get("cost_flops"), "loss_curve": hist}
   logging.info("%s trained: %s", spec.name, {k: v for k, v in info.items() if k != "loss_curve"})
   return TrainedMethod(spec, res.model, info)
+
+
+def train_step_flops(spec: MethodSpec, batch: dict, *, max_target_tokens: int,
+                     vocab_ids: Optional[np.ndarray]) -> float:
+  """FLOPs of one training step (loss + gradient of the trained params) on ``batch``.
+
+  From XLA's cost analysis of the *lowered* step on abstract shapes (nothing is
+  materialised or compiled), the same way for every method, so two methods' figures
+  compare; the optimizer update is left out (it is negligible beside the model).
+  """
+  abstract = nnx.eval_shape(lambda: spec.build_model(nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, spec.trainable, ...)
+  loss_fn = make_loss_fn(spec, max_target_tokens=max_target_tokens, vocab_ids=vocab_ids)
+
+  def step(params, rest, batch):
+    def f(p):
+      return loss_fn(nnx.merge(graphdef, p, rest), batch, jax.random.key(0))[0]
+    return jax.grad(f)(params)
+
+  abs_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                           batch)
+  cost = jax.jit(step).lower(params, rest, abs_batch).cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  flops = float((cost or {}).get("flops", float("nan")))
+  if not np.isfinite(flops) or flops <= 0:
+    raise RuntimeError(f"train_step_flops({spec.name}): XLA gave no FLOP count ({cost})")
+  return flops
