@@ -24,6 +24,10 @@ Two views of the same trie:
 :func:`make_logits_processor` is the same for a ``fn(logits, generated, step)``
 convention.  Both re-derive each sequence's state from the tokens generated
 so far, so beam reordering needs no carried state.
+
+:class:`TrieConstraint` (``make_constraint`` / ``TitleTrie.to_constraint``) is the cheaper
+path: passed as ``trie=`` to the sampler, it carries each row's node id through the loop and
+restricts the logits to the trie's token set (``K`` embedding rows instead of ``V``).
 """
 
 from __future__ import annotations
@@ -125,6 +129,11 @@ class TitleTrie:
       seq = seq + [self.eos_id]
     node = self._walk(seq)
     return list(self._items.get(node, [])) if node != DEAD else []
+
+  def to_constraint(self, vocab_size: int) -> "TrieConstraint":
+    """The restricted-vocabulary constraint for ``Sampler(...)(trie=...)``
+    (see :class:`TrieConstraint`)."""
+    return make_constraint(self.to_arrays(vocab_size))
 
   def to_arrays(self, vocab_size: int) -> "TrieArrays":
     """The array form for jitted decoding (see :class:`TrieArrays`)."""
@@ -279,3 +288,84 @@ def make_logits_processor(trie: TrieArrays) -> Callable[..., jax.Array]:
     state_B = state_after(trie, generated_BxS, step)
     return mask_logits(trie, logits_BxV, state_B)
   return processor
+
+
+# ---------------------------------------------------------------------------------------------
+# Restricted-vocabulary constraint for models/sampler.py (``trie=`` argument).
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrieConstraint:
+  """A trie for ``Sampler.generate(trie=...)`` / ``Sampler.beam_search(trie=...)``.
+
+  Two views of the same trie:
+
+  * ``full``: :class:`TrieArrays` over the real vocabulary (the full-vocabulary reference:
+    logits over all ``V`` tokens, then the mask);
+  * ``local``: the same trie over a *restricted* vocabulary of ``K`` tokens:
+    ``vocab_ids[k]`` (sorted ascending) is the real id of local token ``k``; ``vocab_ids``
+    is the union of every token any node allows plus EOS and PAD (what leaves and the DEAD
+    state allow).  The sampler computes logits only against these ``K`` embedding rows
+    (``Gemma3(..., logits_vocab_ids=vocab_ids)``), masks with ``local`` and maps the chosen
+    local index back through ``vocab_ids``.
+
+  Both views allow exactly the same real tokens from every state, so constrained scores
+  (mask, then log-softmax over the allowed tokens) are the same quantity in both.  The
+  decoding state of a sequence is its node id, carried through the loop (``init_state``,
+  ``advance``); node ids are identical in both views.  A pytree: pass it into ``jax.jit`` as
+  an argument (its shapes, not its values, key the compilation cache).
+  """
+  vocab_ids: jax.Array    # [K] int32, sorted real token ids
+  full: TrieArrays        # real ids, vocab_size V
+  local: TrieArrays       # local ids, vocab_size K
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.vocab_ids.shape[0])
+
+  def init_state(self, n: int) -> jax.Array:
+    return jnp.zeros((n,), jnp.int32)
+
+  def allowed(self, state_B: jax.Array, restricted: bool) -> jax.Array:
+    """Boolean ``[B, K]`` (restricted) or ``[B, V]`` mask of the allowed next tokens."""
+    return allowed_mask(self.local if restricted else self.full, state_B)
+
+  def advance(self, state_B: jax.Array, token_B: jax.Array, restricted: bool) -> jax.Array:
+    """States after ``token_B`` (local ids if ``restricted``, else real ids)."""
+    return advance(self.local if restricted else self.full, state_B, token_B)
+
+
+def make_constraint(trie: "TitleTrie | TrieArrays", vocab_size: Optional[int] = None
+                    ) -> TrieConstraint:
+  """The :class:`TrieConstraint` of a :class:`TitleTrie` (needs ``vocab_size``) or of its
+  :class:`TrieArrays` (``TitleTrie.to_arrays(V)``).  Built on the host with numpy, once per
+  trie; reuse it across calls."""
+  if isinstance(trie, TitleTrie):
+    if vocab_size is None:
+      raise ValueError("make_constraint: vocab_size is required for a TitleTrie")
+    arr = trie.to_arrays(vocab_size)
+  elif isinstance(trie, TrieArrays):
+    arr = trie
+    if vocab_size is not None and vocab_size != arr.vocab_size:
+      raise ValueError(f"make_constraint: vocab_size={vocab_size} but the arrays were built "
+                       f"for {arr.vocab_size}")
+  else:
+    raise ValueError(f"make_constraint: trie must be a TitleTrie or TrieArrays, got "
+                     f"{type(trie).__name__}")
+  edge_token = np.asarray(arr.edge_token, np.int64)
+  edge_child = np.asarray(arr.edge_child, np.int64)
+  edge_count = np.asarray(arr.edge_count)
+  real_edges = edge_token[edge_child >= 0] if int(edge_count.sum()) else edge_token[:0]
+  vocab = np.unique(np.concatenate([real_edges, [arr.eos_id, arr.pad_id]])).astype(np.int32)
+  to_local = lambda t: np.searchsorted(vocab, t).astype(np.int32)
+  root_tok = np.nonzero(np.asarray(arr.root_child) >= 0)[0]
+  root_local = np.full(len(vocab), DEAD, np.int32)
+  root_local[to_local(root_tok)] = np.asarray(arr.root_child)[root_tok]
+  local = TrieArrays(
+      edge_start=arr.edge_start, edge_count=arr.edge_count,
+      edge_token=jnp.asarray(to_local(edge_token)), edge_child=arr.edge_child,
+      root_child=jnp.asarray(root_local), max_branch=arr.max_branch, vocab_size=len(vocab),
+      eos_id=int(to_local(arr.eos_id)), pad_id=int(to_local(arr.pad_id)))
+  return TrieConstraint(vocab_ids=jnp.asarray(vocab), full=arr, local=local)
+

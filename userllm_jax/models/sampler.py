@@ -1,8 +1,16 @@
-"""Generation for :class:`~userllm_jax.models.gemma.Gemma3`: greedy, sampling, beam search.
+"""Generation for :class:`~userllm_jax.models.gemma.Gemma3`: greedy, sampling, beam search,
+and exact scoring of a closed answer set.
 
-Everything runs inside one ``jax.jit`` per (shapes, settings): a prefill of the whole prompt
-(soft prompt + tokens) into a fixed-length KV cache, then a ``lax.while_loop`` of one-token
-decode steps that stops early once every sequence (or beam set) is finished.
+Two jitted calls per decode: a prefill of the whole prompt (soft prompt + tokens) into a
+fixed-length KV cache, timed on its own (``output.timing.prefill_s``: time to the first
+token's logits, after ``block_until_ready``), then a ``lax.while_loop`` of one-token decode
+steps that stops early once every sequence (or beam set) is finished
+(``output.timing.total_s``: end to end).  The first call per shape includes compilation.
+
+Compile once per shape: prompts are left-padded to a multiple of ``Sampler(prompt_bucket=)``
+tokens (default 16), so prompt lengths in the same bucket share one compiled program per
+(batch, bucket, beams, max_new_tokens, settings).  :data:`TRACE_COUNTS` counts the traces
+(= compilations) of each jitted function.
 
 Padding: prompts are **left-padded** (``pad_prompts``; arrays with any other padding are
 re-aligned to the left).  Padded slots are masked out of attention and do not advance RoPE
@@ -12,25 +20,45 @@ Prompts must hold at least one token (normally BOS).
 Stop tokens: ``eos_id`` plus ``stop_tokens``.  A finished sequence keeps its stop token and
 is followed by ``pad_id``; ``lengths`` count generated tokens including the stop token.
 
-Logits processor: ``logits_processor(tokens_so_far_BxN, logits_BxV)`` is called inside the jit
-before every token choice.  ``tokens_so_far_BxN`` (int32) holds the tokens generated so far by
-each row (for beam search: each live beam, rows ``b * K + k``), ``-1`` where nothing was
-generated yet; ``N = max_new_tokens``.  It returns new float logits, or a boolean mask of
-allowed tokens (disallowed ones get ``-inf``).  It must be traceable by JAX (e.g. a trie
-stored as dense transition arrays) and hashable (a plain function is).
+Constraints, two ways:
+
+* ``trie=``: a :class:`~userllm_jax.eval.trie.TrieConstraint` (duck-typed here: models do not
+  import eval).  Each row carries its trie node; with ``restrict_vocab=True`` (default) the
+  logits are computed only against the ``K`` tokens the trie can ever allow
+  (``Gemma3(..., logits_vocab_ids=trie.vocab_ids)``), masked inside that small vocabulary,
+  and the chosen local index is mapped back to the real token id.  ``restrict_vocab=False``
+  is the full-vocabulary reference (``V`` logits, then the same mask).  Both give the same
+  tokens and, up to float32 rounding, the same scores.
+* ``logits_processor(tokens_so_far_BxN, logits_BxV)``: called inside the jit before every
+  token choice over the full vocabulary.  ``tokens_so_far_BxN`` (int32) holds the tokens
+  generated so far by each row (for beam search: each live beam, rows ``b * K + k``), ``-1``
+  where nothing was generated yet; ``N = max_new_tokens``.  It returns new float logits, or a
+  boolean mask of allowed tokens.  It must be traceable by JAX and hashable (a plain
+  function is).
+
+Constrained scores are "mask, then log-softmax over the allowed tokens": disallowed tokens
+get ``-1e30`` before the log-softmax, so each step's probabilities are renormalised over
+what the constraint allows.  This is why the restricted and the full-vocabulary versions
+compute the same quantity.
 
 Beam search keeps ``K`` live beams and a pool of ``K`` finished hypotheses (T5X style): each
 step the ``2K`` best extensions of live beams are split into finished ones (ending in a stop
 token) and the best ``K`` unfinished ones.  Scores are summed log-probabilities; with
 ``length_penalty=a`` the ranking score is ``sum_logprob / length ** a`` (``a = 0``: none).
 At ``max_new_tokens`` live beams join the finished pool.
+
+:func:`score_candidates` / :meth:`Sampler.score_candidates`: the log-probability of every
+sequence of a fixed candidate list (e.g. genre names + EOS) for every prompt, from one
+prefill and one batched teacher-forced forward over ``B * C`` rows.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from typing import Callable, Optional, Sequence, Union
+import time
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +68,22 @@ from flax import nnx
 LogitsProcessor = Callable[[jax.Array, jax.Array], jax.Array]
 Prompts = Union[Sequence[Sequence[int]], tuple[np.ndarray, np.ndarray]]
 _NEG = -1e30  # "minus infinity" that survives arithmetic without NaNs
+DEFAULT_PROMPT_BUCKET = 16
+
+# Traces (= compilations) per jitted function name; incremented while tracing.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass
+class Timing:
+  """Wall-clock seconds of one call, each phase ended by ``block_until_ready``.
+
+  ``prefill_s``: host inputs to the first token's logits (time to first token);
+  ``total_s``: the whole call, until the outputs are on the host.  The first call for a
+  shape includes compilation.
+  """
+  prefill_s: float
+  total_s: float
 
 
 @dataclasses.dataclass
@@ -48,6 +92,7 @@ class GenerateOutput:
   lengths_B: np.ndarray      # generated tokens including the stop token
   logprobs_BxN: np.ndarray   # log p(token) under the (processed, untempered) model; 0 at pad
   finished_B: np.ndarray     # True where a stop token was produced
+  timing: Optional[Timing] = None
 
 
 @dataclasses.dataclass
@@ -57,6 +102,22 @@ class BeamOutput:
   logprobs_BxK: np.ndarray   # summed log-probability of each sequence
   lengths_BxK: np.ndarray
   finished_BxK: np.ndarray   # ended with a stop token (False: hit max_new_tokens)
+  timing: Optional[Timing] = None
+
+
+@dataclasses.dataclass
+class ScoreOutput:
+  logprobs_BxC: np.ndarray   # summed log-probability of each candidate (see score_candidates)
+  timing: Optional[Timing] = None
+
+
+def bucket_length(n: int, bucket: Optional[int]) -> int:
+  """``n`` rounded up to a multiple of ``bucket`` (``bucket`` 0 / None: ``n``)."""
+  if not bucket:
+    return int(n)
+  if bucket < 0:
+    raise ValueError(f"bucket_length: bucket must be >= 0, got {bucket}")
+  return int(-(-n // bucket) * bucket)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
@@ -79,16 +140,16 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
   return tokens, mask
 
 
-def _left_align(tokens_BxL: np.ndarray, mask_BxL: np.ndarray, pad_id: int):
-  tokens_BxL = np.asarray(tokens_BxL)
-  mask_BxL = np.asarray(mask_BxL).astype(bool)
-  if tokens_BxL.shape != mask_BxL.shape or tokens_BxL.ndim != 2:
-    raise ValueError(f"prompts: tokens {tokens_BxL.shape} and mask {mask_BxL.shape} must be "
-                     "equal [B, L] shapes")
-  return pad_prompts([row[m] for row, m in zip(tokens_BxL, mask_BxL)], pad_id,
-                     tokens_BxL.shape[1])
-
-
+def _prompt_rows(prompts: Prompts) -> list[np.ndarray]:
+  """The real tokens of each prompt (token lists, or ``(tokens_BxL, mask_BxL)`` arrays)."""
+  if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
+    tokens_BxL = np.asarray(prompts[0])
+    mask_BxL = np.asarray(prompts[1]).astype(bool)
+    if tokens_BxL.shape != mask_BxL.shape:
+      raise ValueError(f"prompts: tokens {tokens_BxL.shape} and mask {mask_BxL.shape} must be "
+                       "equal [B, L] shapes")
+    return [row[m] for row, m in zip(tokens_BxL, mask_BxL)]
+  return [np.asarray(p, np.int32).reshape(-1) for p in prompts]
 def _apply_processor(processor, tokens_so_far, logits):
   if processor is None:
     return logits
@@ -125,51 +186,82 @@ def _select(logits_BxV, key, sample: bool, use_top_k: bool, use_top_p: bool, tem
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _prefill(model, tokens, mask, prefix, pmask, media, mmask, max_new):
+def _vocab_ids(trie, restrict: bool):
+  return trie.vocab_ids if (trie is not None and restrict) else None
+
+
+def _prefill(model, tokens, mask, prefix, pmask, media, mmask, extra, vocab_ids):
+  """Prefill into a cache of ``P + L + extra`` slots; logits of the last prompt token."""
   B, L = tokens.shape
   P = 0 if prefix is None else prefix.shape[1]
-  cache = model.init_cache(B, P + L + max_new)
+  cache = model.init_cache(B, P + L + extra)
   logits, cache = model(tokens, input_mask_BxL=mask, prefix_embeds_BxPxD=prefix,
                         prefix_mask_BxP=pmask, media_BxMxD=media, media_mask_BxM=mmask,
-                        cache=cache, logits_positions=jnp.full((B, 1), L - 1, jnp.int32))
+                        cache=cache, logits_positions=jnp.full((B, 1), L - 1, jnp.int32),
+                        logits_vocab_ids=vocab_ids)
   return logits[:, 0].astype(jnp.float32), cache
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "graphdef", "max_new", "sample", "use_top_k", "use_top_p", "stop_ids", "pad_id",
-    "processor"))
-def _generate_jit(graphdef, state, tokens, mask, prefix, pmask, media, mmask, rng, temperature,
-                  top_k, top_p, *, max_new, sample, use_top_k, use_top_p, stop_ids, pad_id,
-                  processor):
+@functools.partial(jax.jit, static_argnames=("graphdef", "extra"))
+def _prefill_jit(graphdef, state, tokens, mask, prefix, pmask, media, mmask, vocab_ids, *,
+                 extra):
+  TRACE_COUNTS["prefill"] += 1
+  return _prefill(nnx.merge(graphdef, state), tokens, mask, prefix, pmask, media, mmask, extra,
+                  vocab_ids)
+
+
+def _constrain(trie, restrict, processor, tokens_so_far, node_B, logits):
+  """Masked logits: the trie's allowed set (carried node ids), else the processor's."""
+  if trie is not None:
+    allowed = trie.allowed(node_B, restrict)
+    if allowed.shape != logits.shape:
+      raise ValueError(f"trie: allowed mask {allowed.shape} does not match logits "
+                       f"{logits.shape} (a trie built for another vocab_size?)")
+    return jnp.where(allowed, logits, _NEG)
+  return _apply_processor(processor, tokens_so_far, logits)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new", "sample", "use_top_k", "use_top_p", "stop_ids",
+                     "pad_id", "processor", "restrict"))
+def _generate_jit(graphdef, state, cache, logits, media, mmask, trie, rng, temperature, top_k,
+                  top_p, *, max_new, sample, use_top_k, use_top_p, stop_ids, pad_id, processor,
+                  restrict):
+  TRACE_COUNTS["generate"] += 1
   model = nnx.merge(graphdef, state)
-  B = tokens.shape[0]
-  logits, cache = _prefill(model, tokens, mask, prefix, pmask, media, mmask, max_new)
+  B = logits.shape[0]
+  vocab_ids = _vocab_ids(trie, restrict)
+  to_real = (lambda t: t) if vocab_ids is None else (lambda t: vocab_ids[t])
   stops = jnp.asarray(stop_ids, jnp.int32)
+  node0 = trie.init_state(B) if trie is not None else jnp.zeros((B,), jnp.int32)
 
   def cond(c):
-    step, _, _, _, _, done = c
+    step, _, _, _, _, done, _ = c
     return (step < max_new) & ~jnp.all(done)
 
   def body(c):
-    step, cache, logits, out, logp_out, done = c
-    logits = _apply_processor(processor, out, logits)
-    tok = _select(logits, jax.random.fold_in(rng, step), sample, use_top_k, use_top_p,
+    step, cache, logits, out, logp_out, done, node = c
+    logits = _constrain(trie, restrict, processor, out, node, logits)
+    loc = _select(logits, jax.random.fold_in(rng, step), sample, use_top_k, use_top_p,
                   temperature, top_k, top_p)
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], 1)[:, 0]
-    chosen = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0]
-    lp = jnp.where(chosen <= _NEG / 2, _NEG, lp)   # the processor allowed nothing
-    tok = jnp.where(done, pad_id, tok)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), loc[:, None], 1)[:, 0]
+    chosen = jnp.take_along_axis(logits, loc[:, None], 1)[:, 0]
+    lp = jnp.where(chosen <= _NEG / 2, _NEG, lp)   # the constraint allowed nothing
+    if trie is not None:
+      node = jnp.where(done, node, trie.advance(node, loc, restrict))
+    tok = jnp.where(done, pad_id, to_real(loc))
     lp = jnp.where(done, 0.0, lp)
     out = out.at[:, step].set(tok)
     logp_out = logp_out.at[:, step].set(lp)
     done = done | jnp.isin(tok, stops)
     new_logits, cache = model(tok[:, None], media_BxMxD=media, media_mask_BxM=mmask,
-                              cache=cache)
-    return step + 1, cache, new_logits[:, 0].astype(jnp.float32), out, logp_out, done
+                              cache=cache, logits_vocab_ids=vocab_ids)
+    return step + 1, cache, new_logits[:, 0].astype(jnp.float32), out, logp_out, done, node
 
   init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((B, max_new), -1, jnp.int32),
-          jnp.zeros((B, max_new), jnp.float32), jnp.zeros((B,), bool))
-  step, _, _, out, logp_out, done = jax.lax.while_loop(cond, body, init)
+          jnp.zeros((B, max_new), jnp.float32), jnp.zeros((B,), bool), node0)
+  step, _, _, out, logp_out, done, _ = jax.lax.while_loop(cond, body, init)
   generated = out >= 0
   is_stop = jnp.isin(out, stops) & generated
   # length: up to and including the first stop token, else the steps taken
@@ -192,18 +284,23 @@ def _gather_beams(tree, idx_BxK, K_src: int):
   return jax.tree.map(g, tree)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "graphdef", "num_beams", "max_new", "length_penalty", "stop_ids", "pad_id", "processor"))
-def _beam_jit(graphdef, state, tokens, mask, prefix, pmask, media, mmask, *, num_beams,
-              max_new, length_penalty, stop_ids, pad_id, processor):
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "num_beams", "max_new", "length_penalty", "stop_ids",
+                     "pad_id", "processor", "restrict"))
+def _beam_jit(graphdef, state, cache, logits, media, mmask, trie, *, num_beams, max_new,
+              length_penalty, stop_ids, pad_id, processor, restrict):
+  TRACE_COUNTS["beam_search"] += 1
   model = nnx.merge(graphdef, state)
-  B, K, N = tokens.shape[0], num_beams, max_new
-  logits, cache = _prefill(model, tokens, mask, prefix, pmask, media, mmask, max_new)
+  B, K, N = logits.shape[0], num_beams, max_new
+  vocab_ids = _vocab_ids(trie, restrict)
+  to_real = (lambda t: t) if vocab_ids is None else (lambda t: vocab_ids[t])
   rep = lambda x: None if x is None else jnp.repeat(x, K, axis=0)
   cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, K, axis=0), cache)
   logits = jnp.repeat(logits, K, axis=0)
   media_k, mmask_k = rep(media), rep(mmask)
   stops = jnp.asarray(stop_ids, jnp.int32)
+  node0 = trie.init_state(B * K) if trie is not None else jnp.zeros((B * K,), jnp.int32)
 
   def norm(raw, length):
     if length_penalty == 0.0:
@@ -211,23 +308,24 @@ def _beam_jit(graphdef, state, tokens, mask, prefix, pmask, media, mmask, *, num
     return raw / jnp.maximum(length, 1).astype(jnp.float32) ** length_penalty
 
   def cond(c):
-    step, _, _, _, alive_raw, _, fin_score, _, _ = c
+    step, _, _, _, alive_raw, _, fin_score, _, _, _ = c
     best_alive = norm(jnp.max(alive_raw, axis=1), jnp.full((B,), N))
     worst_fin = jnp.min(fin_score, axis=1)
     done = (worst_fin > _NEG / 2) & (best_alive <= worst_fin)
     return (step < N) & ~jnp.all(done)
 
   def body(c):
-    step, cache, logits, alive_tok, alive_raw, fin_tok, fin_score, fin_raw, fin_len = c
-    V = logits.shape[-1]
-    logits = _apply_processor(processor, alive_tok.reshape(B * K, N), logits)
+    step, cache, logits, alive_tok, alive_raw, fin_tok, fin_score, fin_raw, fin_len, node = c
+    W = logits.shape[-1]   # V, or K' for a restricted vocabulary
+    logits = _constrain(trie, restrict, processor, alive_tok.reshape(B * K, N), node, logits)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    # disallowed tokens (and rows where the processor allows nothing) are impossible, not
-    # uniform: a fully masked row would otherwise get log(1/V) everywhere
-    logp = jnp.where(logits <= _NEG / 2, _NEG, logp).reshape(B, K, V)
-    cand = (alive_raw[:, :, None] + logp).reshape(B, K * V)
+    # disallowed tokens (and rows where the constraint allows nothing) are impossible, not
+    # uniform: a fully masked row would otherwise get log(1/W) everywhere
+    logp = jnp.where(logits <= _NEG / 2, _NEG, logp).reshape(B, K, W)
+    cand = (alive_raw[:, :, None] + logp).reshape(B, K * W)
     vals, idx = jax.lax.top_k(cand, 2 * K)                      # [B, 2K]
-    parent, tok = idx // V, (idx % V).astype(jnp.int32)
+    parent, loc = idx // W, (idx % W).astype(jnp.int32)
+    tok = to_real(loc)
     cand_tok = jnp.take_along_axis(alive_tok, parent[:, :, None], axis=1)
     cand_tok = cand_tok.at[:, :, step].set(tok)
     is_stop = jnp.isin(tok, stops)
@@ -248,17 +346,22 @@ def _beam_jit(graphdef, state, tokens, mask, prefix, pmask, media, mmask, *, num
     alive_tok = jnp.take_along_axis(cand_tok, asel[:, :, None], axis=1)
     alive_parent = jnp.take_along_axis(parent, asel, axis=1)
     last = jnp.take_along_axis(tok, asel, axis=1).reshape(B * K, 1)
+    if trie is not None:
+      flat = (jnp.arange(B)[:, None] * K + alive_parent).reshape(-1)
+      node = trie.advance(node[flat], jnp.take_along_axis(loc, asel, axis=1).reshape(-1),
+                          restrict)
     cache = _gather_beams(cache, alive_parent, K)
-    new_logits, cache = model(last, media_BxMxD=media_k, media_mask_BxM=mmask_k, cache=cache)
+    new_logits, cache = model(last, media_BxMxD=media_k, media_mask_BxM=mmask_k, cache=cache,
+                              logits_vocab_ids=vocab_ids)
     return (step + 1, cache, new_logits[:, 0].astype(jnp.float32), alive_tok, alive_raw,
-            fin_tok, fin_score, fin_raw, fin_len)
+            fin_tok, fin_score, fin_raw, fin_len, node)
 
   alive_raw = jnp.full((B, K), _NEG).at[:, 0].set(0.0)
   init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((B, K, N), -1, jnp.int32),
           alive_raw, jnp.full((B, K, N), -1, jnp.int32), jnp.full((B, K), _NEG),
-          jnp.full((B, K), _NEG), jnp.zeros((B, K), jnp.int32))
+          jnp.full((B, K), _NEG), jnp.zeros((B, K), jnp.int32), node0)
   (step, _, _, alive_tok, alive_raw, fin_tok, fin_score, fin_raw,
-   fin_len) = jax.lax.while_loop(cond, body, init)
+   fin_len, _) = jax.lax.while_loop(cond, body, init)
   # live beams (unfinished at the end) compete with the finished ones
   alive_score = jnp.where(alive_raw > _NEG / 2, norm(alive_raw, step), _NEG)
   all_score = jnp.concatenate([fin_score, alive_score], 1)
@@ -275,6 +378,48 @@ def _beam_jit(graphdef, state, tokens, mask, prefix, pmask, media, mmask, *, num
           jnp.take_along_axis(all_fin, sel, axis=1))
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _score_jit(graphdef, state, cache, logits0_BxW, media, mmask, vocab_ids, cand_CxT,
+               cand_len_C, target_CxT, allowed_CxTxW):
+  """Summed log-probabilities [B, C] of every candidate after every (prefilled) prompt.
+
+  ``cand_CxT``: real token ids (right-padded); ``target_CxT``: the same tokens as columns of
+  the logits (local ids when ``vocab_ids`` restricts them); ``allowed_CxTxW``: the per-step
+  mask of the normalisation set, or None (every logit column).
+  """
+  TRACE_COUNTS["score_candidates"] += 1
+  model = nnx.merge(graphdef, state)
+  B = logits0_BxW.shape[0]
+  C, T = cand_CxT.shape
+  rep = lambda x: None if x is None else jnp.repeat(x, C, axis=0)   # row b * C + c
+  logits_RxTxW = rep(logits0_BxW)[:, None]
+  if T > 1:
+    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, C, axis=0), cache)
+    inputs_RxT1 = jnp.tile(cand_CxT[:, :T - 1], (B, 1))
+    rest, _ = model(inputs_RxT1, media_BxMxD=rep(media), media_mask_BxM=rep(mmask),
+                    cache=cache, logits_vocab_ids=vocab_ids)
+    logits_RxTxW = jnp.concatenate([logits_RxTxW, rest.astype(jnp.float32)], axis=1)
+  if allowed_CxTxW is not None:
+    allowed = jnp.tile(allowed_CxTxW, (B, 1, 1))
+    logits_RxTxW = jnp.where(allowed, logits_RxTxW, _NEG)
+  logp_RxTxW = jax.nn.log_softmax(logits_RxTxW, axis=-1)
+  target_RxT = jnp.tile(target_CxT, (B, 1))
+  logp_RxT = jnp.take_along_axis(logp_RxTxW, target_RxT[:, :, None], axis=2)[:, :, 0]
+  valid_RxT = jnp.arange(T)[None, :] < jnp.tile(cand_len_C, B)[:, None]
+  return jnp.sum(jnp.where(valid_RxT, logp_RxT, 0.0), axis=1).reshape(B, C)
+
+
+def _prefix_sets(cands: list[list[int]]) -> list[list[set]]:
+  """allowed[c][t]: the tokens at step t of the candidates sharing candidate c's first t."""
+  out = []
+  for c in cands:
+    row = []
+    for t in range(len(c)):
+      row.append({d[t] for d in cands if len(d) > t and d[:t] == c[:t]})
+    out.append(row)
+  return out
+
+
 class Sampler:
   """Generation for a Gemma3 model (see the module docstring for the conventions).
 
@@ -282,19 +427,26 @@ class Sampler:
     model: a :class:`~userllm_jax.models.gemma.Gemma3` (possibly sharded, possibly with LoRA
       or cross-attention blocks).  Its current weights are read at every call.
     eos_id / pad_id: tokenizer ids (Gemma: eos 1, pad 0).
+    prompt_bucket: prompts are left-padded to a multiple of this many tokens so that
+      different prompt lengths share a compiled program (0: no bucketing).
   """
 
-  def __init__(self, model: nnx.Module, *, eos_id: int = 1, pad_id: int = 0):
+  def __init__(self, model: nnx.Module, *, eos_id: int = 1, pad_id: int = 0,
+               prompt_bucket: int = DEFAULT_PROMPT_BUCKET):
+    if not isinstance(prompt_bucket, (int, np.integer)) or prompt_bucket < 0:
+      raise ValueError(f"Sampler: prompt_bucket must be an int >= 0, got {prompt_bucket!r}")
     self.model = model
     self.eos_id = int(eos_id)
     self.pad_id = int(pad_id)
+    self.prompt_bucket = int(prompt_bucket)
 
   def _inputs(self, prompts: Prompts, prefix_embeds_BxPxD, prefix_mask_BxP, media_BxMxD,
               media_mask_BxM):
-    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
-      tokens, mask = _left_align(prompts[0], prompts[1], self.pad_id)
-    else:
-      tokens, mask = pad_prompts(prompts, self.pad_id)
+    rows = _prompt_rows(prompts)
+    if not rows:
+      raise ValueError("Sampler: prompts is empty")
+    L = bucket_length(max(len(r) for r in rows), self.prompt_bucket)
+    tokens, mask = pad_prompts(rows, self.pad_id, L)
     B = tokens.shape[0]
     for name, x in (("prefix_embeds_BxPxD", prefix_embeds_BxPxD),
                     ("prefix_mask_BxP", prefix_mask_BxP), ("media_BxMxD", media_BxMxD),
@@ -311,17 +463,41 @@ class Sampler:
   def _stop_ids(self, stop_tokens: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({self.eos_id, *(int(t) for t in stop_tokens)}))
 
+  def _check_trie(self, trie, logits_processor, restrict_vocab, num_beams: int = 1):
+    if trie is None:
+      return
+    if logits_processor is not None:
+      raise ValueError("Sampler: give trie= or logits_processor=, not both")
+    for attr in ("vocab_ids", "allowed", "advance", "init_state"):
+      if not hasattr(trie, attr):
+        raise ValueError(f"Sampler: trie must be an eval.trie.TrieConstraint (make_constraint / "
+                         f"TitleTrie.to_constraint), got {type(trie).__name__} without "
+                         f".{attr}")
+    k = int(trie.vocab_ids.shape[0])
+    if restrict_vocab and k < 2:
+      raise ValueError(f"Sampler: trie.vocab_ids has {k} tokens; need >= 2")
+    if int(trie.full.vocab_size) > self.model.cfg.vocab_size:
+      raise ValueError(f"Sampler: trie built for vocab_size {trie.full.vocab_size} > model "
+                       f"vocab {self.model.cfg.vocab_size}")
+
+  def _prefill(self, graphdef, state, args, extra, vocab_ids):
+    logits, cache = _prefill_jit(graphdef, state, *args, vocab_ids, extra=int(extra))
+    return jax.block_until_ready(logits), cache
+
   def generate(self, prompts: Prompts, *, max_new_tokens: int, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, rng: Optional[jax.Array] = None,
                stop_tokens: Sequence[int] = (), prefix_embeds_BxPxD=None, prefix_mask_BxP=None,
                media_BxMxD=None, media_mask_BxM=None,
-               logits_processor: Optional[LogitsProcessor] = None) -> GenerateOutput:
+               logits_processor: Optional[LogitsProcessor] = None,
+               trie: Any = None, restrict_vocab: bool = True) -> GenerateOutput:
     """Greedy (``temperature=0``) or sampled generation.
 
     ``prompts``: a list of token-id lists, or ``(tokens_BxL, mask_BxL)`` arrays.
     Sampling (``temperature > 0``) needs an explicit ``rng`` key; ``top_k=0`` and
-    ``top_p=1.0`` switch those filters off.
+    ``top_p=1.0`` switch those filters off.  ``trie``: a ``TrieConstraint``; with
+    ``restrict_vocab`` the logits cover only its tokens (see the module docstring).
     """
+    t0 = time.perf_counter()
     if max_new_tokens < 1:
       raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     vocab = self.model.cfg.vocab_size
@@ -330,39 +506,146 @@ class Sampler:
                        f"top_k={top_k}, top_p={top_p}")
     if temperature > 0 and rng is None:
       raise ValueError("generate: sampling (temperature > 0) needs an explicit rng key")
+    self._check_trie(trie, logits_processor, restrict_vocab)
     if rng is None:
       rng = jax.random.key(0)
+    restrict = bool(restrict_vocab) and trie is not None
+    if restrict:
+      top_k = min(top_k, int(trie.vocab_ids.shape[0]))
     args = self._inputs(prompts, prefix_embeds_BxPxD, prefix_mask_BxP, media_BxMxD,
                         media_mask_BxM)
     graphdef, state = nnx.split(self.model)
+    logits, cache = self._prefill(graphdef, state, args, max_new_tokens,
+                                  _vocab_ids(trie, restrict))
+    t1 = time.perf_counter()
     out, lengths, logp, done = _generate_jit(
-        graphdef, state, *args, rng, jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k),
-        jnp.float32(top_p), max_new=int(max_new_tokens), sample=temperature > 0,
-        use_top_k=top_k > 0, use_top_p=top_p < 1.0, stop_ids=self._stop_ids(stop_tokens), pad_id=self.pad_id, processor=logits_processor)
-    return GenerateOutput(np.asarray(out), np.asarray(lengths), np.asarray(logp),
-                          np.asarray(done))
+        graphdef, state, cache, logits, args[4], args[5], trie, rng,
+        jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
+        max_new=int(max_new_tokens), sample=temperature > 0, use_top_k=top_k > 0,
+        use_top_p=top_p < 1.0, stop_ids=self._stop_ids(stop_tokens), pad_id=self.pad_id,
+        processor=logits_processor, restrict=restrict)
+    res = GenerateOutput(np.asarray(out), np.asarray(lengths), np.asarray(logp),
+                         np.asarray(done))
+    res.timing = Timing(prefill_s=t1 - t0, total_s=time.perf_counter() - t0)
+    return res
 
   def beam_search(self, prompts: Prompts, *, num_beams: int, max_new_tokens: int,
                   length_penalty: float = 0.0, stop_tokens: Sequence[int] = (),
                   prefix_embeds_BxPxD=None, prefix_mask_BxP=None, media_BxMxD=None,
                   media_mask_BxM=None,
-                  logits_processor: Optional[LogitsProcessor] = None) -> BeamOutput:
-    """The ``num_beams`` best continuations per prompt, best first."""
+                  logits_processor: Optional[LogitsProcessor] = None,
+                  trie: Any = None, restrict_vocab: bool = True) -> BeamOutput:
+    """The ``num_beams`` best continuations per prompt, best first.
+
+    ``trie``: a ``TrieConstraint``; with ``restrict_vocab`` the logits cover only its tokens
+    (see the module docstring); ``restrict_vocab=False`` is the full-vocabulary reference.
+    """
+    t0 = time.perf_counter()
     if num_beams < 1 or max_new_tokens < 1:
       raise ValueError(f"beam_search: num_beams={num_beams} and max_new_tokens="
                        f"{max_new_tokens} must be >= 1")
+    self._check_trie(trie, logits_processor, restrict_vocab, num_beams)
+    restrict = bool(restrict_vocab) and trie is not None
+    vocab = self.model.cfg.vocab_size
+    if not restrict and 2 * num_beams > vocab:
+      raise ValueError(f"beam_search: 2 * num_beams = {2 * num_beams} > vocab {vocab}")
     args = self._inputs(prompts, prefix_embeds_BxPxD, prefix_mask_BxP, media_BxMxD,
                         media_mask_BxM)
-    vocab = self.model.cfg.vocab_size
-    if 2 * num_beams > vocab:
-      raise ValueError(f"beam_search: 2 * num_beams = {2 * num_beams} > vocab {vocab}")
     graphdef, state = nnx.split(self.model)
+    logits, cache = self._prefill(graphdef, state, args, max_new_tokens,
+                                  _vocab_ids(trie, restrict))
+    t1 = time.perf_counter()
     toks, score, raw, lengths, fin = _beam_jit(
-        graphdef, state, *args, num_beams=int(num_beams), max_new=int(max_new_tokens),
-        length_penalty=float(length_penalty), stop_ids=self._stop_ids(stop_tokens),
-        pad_id=self.pad_id, processor=logits_processor)
-    return BeamOutput(np.asarray(toks), np.asarray(score), np.asarray(raw),
-                      np.asarray(lengths), np.asarray(fin))
+        graphdef, state, cache, logits, args[4], args[5], trie, num_beams=int(num_beams),
+        max_new=int(max_new_tokens), length_penalty=float(length_penalty),
+        stop_ids=self._stop_ids(stop_tokens), pad_id=self.pad_id, processor=logits_processor,
+        restrict=restrict)
+    res = BeamOutput(np.asarray(toks), np.asarray(score), np.asarray(raw),
+                     np.asarray(lengths), np.asarray(fin))
+    res.timing = Timing(prefill_s=t1 - t0, total_s=time.perf_counter() - t0)
+    return res
+
+  def score_candidates(self, prompts: Prompts, candidates: Sequence[Sequence[int]], *,
+                       prefix_embeds_BxPxD=None, prefix_mask_BxP=None, media_BxMxD=None,
+                       media_mask_BxM=None, normalize: str = "union") -> ScoreOutput:
+    """Log-probabilities ``[B, C]`` of whole candidate sequences; see :func:`score_candidates`."""
+    t0 = time.perf_counter()
+    if normalize not in ("union", "trie", "full"):
+      raise ValueError(f"score_candidates: normalize must be 'union', 'trie' or 'full', got "
+                       f"{normalize!r}")
+    vocab = self.model.cfg.vocab_size
+    cands = [[int(t) for t in np.asarray(c).reshape(-1)] for c in candidates]
+    if not cands:
+      raise ValueError("score_candidates: candidates is empty")
+    for i, c in enumerate(cands):
+      if not c:
+        raise ValueError(f"score_candidates: candidates[{i}] is empty")
+      bad = [t for t in c if not 0 <= t < vocab]
+      if bad:
+        raise ValueError(f"score_candidates: candidates[{i}] has token ids {bad} outside "
+                         f"[0, {vocab})")
+    C, T = len(cands), max(len(c) for c in cands)
+    cand_CxT = np.full((C, T), self.pad_id, np.int32)
+    for i, c in enumerate(cands):
+      cand_CxT[i, :len(c)] = c
+    lens_C = np.asarray([len(c) for c in cands], np.int32)
+    allowed = None
+    if normalize == "full":
+      vocab_ids, target_CxT = None, cand_CxT
+    else:
+      vocab_np = np.unique(np.concatenate([np.asarray(c, np.int32) for c in cands]))
+      vocab_ids = jnp.asarray(vocab_np.astype(np.int32))
+      target_CxT = np.searchsorted(vocab_np, cand_CxT).clip(0, len(vocab_np) - 1)
+      target_CxT = target_CxT.astype(np.int32)
+      if normalize == "trie":
+        sets = _prefix_sets(cands)
+        allowed = np.ones((C, T, len(vocab_np)), bool)
+        for i, row in enumerate(sets):
+          for t, s in enumerate(row):
+            allowed[i, t] = np.isin(vocab_np, list(s))
+        allowed = jnp.asarray(allowed)
+    args = self._inputs(prompts, prefix_embeds_BxPxD, prefix_mask_BxP, media_BxMxD,
+                        media_mask_BxM)
+    graphdef, state = nnx.split(self.model)
+    logits, cache = self._prefill(graphdef, state, args, T - 1, vocab_ids)
+    t1 = time.perf_counter()
+    out = _score_jit(graphdef, state, cache, logits, args[4], args[5], vocab_ids,
+                     jnp.asarray(cand_CxT), jnp.asarray(lens_C), jnp.asarray(target_CxT),
+                     allowed)
+    out = np.asarray(out)
+    return ScoreOutput(out, Timing(prefill_s=t1 - t0, total_s=time.perf_counter() - t0))
+
+
+def score_candidates(model: nnx.Module, prompts: Prompts, candidates: Sequence[Sequence[int]],
+                     *, prefix_embeds_BxPxD=None, prefix_mask_BxP=None, media_BxMxD=None,
+                     media_mask_BxM=None, normalize: str = "union", pad_id: int = 0,
+                     prompt_bucket: int = DEFAULT_PROMPT_BUCKET) -> np.ndarray:
+  """``[B, C]`` log-probabilities of each whole candidate (sum over its tokens) after each
+  prompt, in one jitted call: the prompts are prefilled once into a KV cache, the cache is
+  tiled over the ``C`` candidates, and all ``B * C`` candidate rows are scored in one batched
+  teacher-forced forward.
+
+  ``candidates``: token-id sequences as they would be generated (e.g. a genre name's tokens
+  + EOS); ``prompts`` and the user conditioning (``prefix_embeds_BxPxD`` / ``prefix_mask_BxP``
+  soft prompt, ``media_BxMxD`` / ``media_mask_BxM`` cross-attention) as for
+  :meth:`Sampler.generate`.
+
+  ``normalize`` chooses the set each step's softmax runs over (the same "mask, then
+  log-softmax over the allowed tokens" rule as constrained decoding):
+
+  * ``"union"`` (default): the union of all candidates' tokens, at every step; logits only
+    against those embedding rows.  The candidates' probabilities then need not sum to 1.
+  * ``"trie"``: the tokens the candidates' prefix trie allows after each candidate's prefix,
+    i.e. exactly the score a ``trie=`` constrained beam search over the same candidates gives
+    (the candidates' probabilities sum to 1 when no candidate is a prefix of another).
+  * ``"full"``: the whole vocabulary (the model's own probability; ``V`` logits per row).
+
+  Memory: the cache is tiled ``C`` times (``B * C`` rows of ``P + L + T - 1`` slots).
+  """
+  return Sampler(model, pad_id=pad_id, prompt_bucket=prompt_bucket).score_candidates(
+      prompts, candidates, prefix_embeds_BxPxD=prefix_embeds_BxPxD,
+      prefix_mask_BxP=prefix_mask_BxP, media_BxMxD=media_BxMxD, media_mask_BxM=media_mask_BxM,
+      normalize=normalize).logprobs_BxC
 
 
 def generate_text(model, tokenizer, texts: Sequence[str], *, max_new_tokens: int,
