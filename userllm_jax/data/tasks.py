@@ -518,7 +518,7 @@ def stage2_dataset(examples: Sequence[Example], prompts: Sequence[str], tokenize
                    max_prompt_tokens: int, max_target_tokens: int, batch_size: int, seed: int,
                    num_epochs: Optional[int] = None, drop_remainder: bool = True,
                    task_target_tokens: Optional[Mapping[str, int]] = None,
-                   truncate_tasks: Collection[str] = ()):
+                   truncate_tasks: Collection[str] = (), batch_by_task: bool = False):
   """A Grain ``MapDataset`` of stage-2 training batches (seeded shuffle, repeated, batched).
 
   All examples are tokenized up front, so a too-long example raises here, not
@@ -526,6 +526,11 @@ def stage2_dataset(examples: Sequence[Example], prompts: Sequence[str], tokenize
   ``max_target_tokens`` is the padded target length; ``task_target_tokens``
   (task -> limit <= it) sets a smaller limit per task; targets of
   ``truncate_tasks`` are cut to their limit instead of raising.
+
+  ``batch_by_task``: every batch holds one task's examples, padded only to the longest
+  target *of that task* (a favourite-genre batch is ~20 tokens long, a next-item batch ~45):
+  the tasks' batch streams are mixed in proportion to their example counts (``L`` then
+  differs between batches: one compiled step per task).
   """
   import grain  # pylint: disable=g-import-not-at-top
   if len(examples) != len(prompts):
@@ -533,13 +538,33 @@ def stage2_dataset(examples: Sequence[Example], prompts: Sequence[str], tokenize
   if not examples:
     raise ValueError("stage2_dataset: no examples")
   limits = dict(task_target_tokens or {})
-  feats = [tokenize_example(e, p, tokenizer, max_prompt_tokens=max_prompt_tokens,
-                            max_target_tokens=max_target_tokens,
-                            target_limit=limits.get(e.task),
-                            truncate_target=e.task in truncate_tasks)
-           for e, p in zip(examples, prompts)]
-  ds = grain.MapDataset.source(feats).shuffle(seed=seed).repeat(num_epochs)
-  return ds.batch(batch_size, drop_remainder=drop_remainder)
+
+  def tokenize(pairs, target_len):
+    return [tokenize_example(e, p, tokenizer, max_prompt_tokens=max_prompt_tokens,
+                             max_target_tokens=target_len,
+                             target_limit=min(limits.get(e.task, target_len), target_len),
+                             truncate_target=e.task in truncate_tasks)
+            for e, p in pairs]
+
+  def batches(feats, task_seed):
+    ds = grain.MapDataset.source(feats).shuffle(seed=task_seed).repeat(num_epochs)
+    return ds.batch(batch_size, drop_remainder=drop_remainder)
+
+  pairs = list(zip(examples, prompts))
+  if not batch_by_task:
+    return batches(tokenize(pairs, max_target_tokens), seed)
+  by_task: dict[str, list] = {}
+  for e, p in pairs:
+    by_task.setdefault(e.task, []).append((e, p))
+  streams, weights = [], []
+  for i, (task, task_pairs) in enumerate(sorted(by_task.items())):
+    limit = min(limits.get(task, max_target_tokens), max_target_tokens)
+    longest = max(len(tokenizer.encode(e.target)) + 1 for e, _ in task_pairs)
+    streams.append(batches(tokenize(task_pairs, min(limit, longest)), seed + 1000 * i))
+    weights.append(len(task_pairs))
+  if len(streams) == 1:
+    return streams[0]
+  return grain.MapDataset.mix(streams, weights)
 
 
 # ---------------------------------------------------------------------------

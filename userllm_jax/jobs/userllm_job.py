@@ -167,15 +167,14 @@ def run(config, workdir: str) -> dict:
 def _budget(config, spec, data, tokenizer, vocab_ids, ul_flops):
   """(FLOPs per training step, steps or None for the section's own, a note for the header).
 
-  FLOPs come from ``methods.train_step_flops`` for every method alike; with
+  FLOPs come from ``methods.train_step_flops`` for every method alike (the mean over the
+  first 16 batches of its stream: one-task batches differ in length); with
   ``tp.budget='flops'`` TP trains for the steps that buy the first User-LLM method's
   training FLOPs.
   """
   target_len, _ = examples_lib.target_budgets(config)
   bs = int(spec.train.batch_size)
-  batch = _first_batch(config, spec, data.train[:bs], tokenizer, bs)
-  per_step = methods_lib.train_step_flops(spec, batch, max_target_tokens=target_len,
-                                          vocab_ids=vocab_ids)
+  per_step = _mean_step_flops(config, spec, data.train, tokenizer, bs, target_len, vocab_ids)
   if spec.kind != "tp" or str(config.tp.get("budget", "steps")) != "flops":
     return per_step, None, None
   if ul_flops is None:
@@ -189,12 +188,22 @@ def _budget(config, spec, data, tokenizer, vocab_ids, ul_flops):
   return per_step, steps, note
 
 
-def _first_batch(config, spec, exs, tokenizer, bs):
-  prompts = [spec.prompt_fn(e) for e in exs]
-  stream = examples_lib.training_stream(config, exs, prompts, tokenizer,
+def _mean_step_flops(config, spec, train_examples, tokenizer, bs, target_len, vocab_ids,
+                     num_batches: int = 16) -> float:
+  prompts = [spec.prompt_fn(e) for e in train_examples]
+  stream = examples_lib.training_stream(config, train_examples, prompts, tokenizer,
                                         max_prompt_tokens=spec.max_prompt_tokens,
                                         batch_size=bs)
-  return next(stream)
+  by_shape: dict = {}
+  total = 0.0
+  for _ in range(num_batches):
+    batch = next(stream)
+    key = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+    if key not in by_shape:
+      by_shape[key] = methods_lib.train_step_flops(spec, batch, max_target_tokens=target_len,
+                                                   vocab_ids=vocab_ids)
+    total += by_shape[key]
+  return total / num_batches
 
 
 def _json_default(o):

@@ -89,7 +89,9 @@ def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequ
 
   Every process tokenizes the same examples and shuffles them with the same seed, then
   takes every ``process_count``-th batch row: the global batch of ``batch_size`` rows is
-  exactly the single-process batch, split over processes.
+  exactly the single-process batch, split over processes.  ``train.batch_by_task``
+  (default True): one task per batch, padded to that task's longest target
+  (``tasks.stage2_dataset``).
   """
   target_len, budgets = target_budgets(config)
   nproc = jax.process_count()
@@ -99,7 +101,8 @@ def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequ
   ds = tasks_lib.stage2_dataset(examples, prompts, tokenizer, max_prompt_tokens=max_prompt_tokens,
                                 max_target_tokens=target_len, task_target_tokens=budgets,
                                 truncate_tasks=("review",), batch_size=batch_size,
-                                seed=int(config.seed))
+                                seed=int(config.seed),
+                                batch_by_task=bool(config.train.get("batch_by_task", True)))
   if nproc > 1:
     pid = jax.process_index()
     ds = ds.map(lambda b: {k: v[pid::nproc] for k, v in b.items()})

@@ -59,7 +59,8 @@ def next_token_loss(forward: Forward, batch: Mapping[str, jax.Array], *,
       raise KeyError(f"next_token_loss: batch lacks {key!r}; keys: {sorted(batch)}")
   tokens = jnp.asarray(batch["tokens_BxL"])
   L = tokens.shape[1]
-  lp_BxN, in_range_BxN = target_positions(batch["prompt_len_B"], L, max_target_tokens)
+  # A batch padded shorter than the longest target (one task per batch) has fewer slots.
+  lp_BxN, in_range_BxN = target_positions(batch["prompt_len_B"], L, min(max_target_tokens, L))
   targets_BxN = jnp.take_along_axis(jnp.asarray(batch["targets_BxL"]), lp_BxN, axis=1)
   mask_BxN = (jnp.take_along_axis(jnp.asarray(batch["loss_mask_BxL"]), lp_BxN, axis=1)
               .astype(jnp.float32) * in_range_BxN)

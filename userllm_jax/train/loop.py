@@ -129,6 +129,10 @@ def _cfg_get(cfg, name, default):
   return default if value is None else value
 
 
+def _shapes(tree) -> tuple:
+  return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
+
+
 def _to_float_dict(metrics) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
@@ -336,6 +340,7 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
                 f"global batch {leaf.shape[0]} (per-process {leaf.shape[0] // jax.process_count()}"
                 f" x {jax.process_count()} processes) is not divisible by data*fsdp={dp} x "
                 f"train.grad_accum={accum}")
+        first_shapes = _shapes(abs_batch)
         t0 = time.time()
         compiled = jitted.lower(abs_state_sh, abs_batch).compile()
         compile_stats = {"compile_s": time.time() - t0,
@@ -356,7 +361,12 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
           except StopIteration as e:
             raise RuntimeError(f"train_iter ran out of data at step {step} of "
                                f"{total_steps}") from e
-        state, metrics = compiled(state, to_global(local))
+        batch = to_global(local)
+        # The AOT-compiled step serves the first batch's shapes; a batch of other shapes (e.g.
+        # stage 2's one-task batches, each padded to its task's longest target) goes through
+        # the jit cache, which compiles once per shape.
+        step_fn = compiled if _shapes(batch) == first_shapes else jitted
+        state, metrics = step_fn(state, batch)
         if pending is not None:
           consume(pending)
         pending = (step, metrics)
