@@ -33,6 +33,10 @@ if __name__ == "__main__":  # fake CPU devices must be requested before JAX star
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_n}").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # The report needs XLA's HLO passes and buffer assignment, not fast CPU code: skip LLVM's
+  # optimisations (most of a CPU compile's time; the memory analysis does not depend on them).
+  if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 import argparse
 import dataclasses
@@ -93,6 +97,20 @@ def _tree_shard_bytes(tree) -> int:
   return sum(_shard_bytes(x) for x in jax.tree.leaves(tree))
 
 
+def _param_rows(abs_state, min_sharded: int):
+  """([(name, shape, spec, bytes per device)] largest first, [replicated large params])."""
+  rows, replicated = [], []
+  for part in ("params", "frozen"):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abs_state[part])[0]:
+      name = part + jax.tree_util.keystr(path)
+      spec = leaf.sharding.spec
+      rows.append((name, tuple(leaf.shape), str(spec), _shard_bytes(leaf)))
+      if leaf.size > min_sharded and leaf.sharding.is_fully_replicated:
+        replicated.append(f"{name} shape={tuple(leaf.shape)} spec={spec}")
+  rows.sort(key=lambda r: -r[3])
+  return rows, replicated
+
+
 def abstract_batch(enc_cfg: EncoderConfig, batch: int, hist_len: int, seq_len: int,
                    target_len: int, sharding) -> dict:
   """Abstract stage-2 batch (history keys + tokens) with the leading dim on ``sharding``."""
@@ -109,8 +127,13 @@ def abstract_batch(enc_cfg: EncoderConfig, batch: int, hist_len: int, seq_len: i
 def build_report(*, gemma_cfg: gemma_lib.GemmaConfig, enc_cfg: EncoderConfig,
                  ucfg: ul.UserLLMConfig, mesh_shape: dict, batch: int, hist_len: int,
                  seq_len: int, target_len: int, min_sharded: int = 2**20,
-                 chip_gib: float = 16.0, devices=None) -> Report:
-  """Lower and compile the train step on abstract inputs; see the module doc."""
+                 chip_gib: float = 16.0, devices=None,
+                 fail_on_replicated: bool = True) -> Report:
+  """Lower and compile the train step on abstract inputs; see the module doc.
+
+  With ``fail_on_replicated`` a fully replicated parameter of more than ``min_sharded``
+  elements raises ``AssertionError`` before anything is compiled.
+  """
   mesh = mesh_lib.make_mesh(mesh_shape, devices=devices)
   tx, _ = optim.make_optimizer({"lr": 1e-4, "warmup_steps": 10, "grad_clip": 1.0,
                                 "weight_decay": 0.01}, 1000)
@@ -152,6 +175,12 @@ def build_report(*, gemma_cfg: gemma_lib.GemmaConfig, enc_cfg: EncoderConfig,
       new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
       return new_state, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
+    rows, replicated = _param_rows(abs_state, min_sharded)
+    if replicated and fail_on_replicated:
+      raise AssertionError(f"{len(replicated)} parameters with > {min_sharded} elements are "
+                           f"fully replicated on mesh {dict(mesh.shape)} (check their "
+                           "logical_axes and train/mesh.py LOGICAL_RULES):\n  "
+                           + "\n  ".join(replicated))
     batch_sh = mesh_lib.batch_sharding(mesh)
     abs_batch = abstract_batch(enc_cfg, batch, hist_len, seq_len, target_len, batch_sh)
     jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
@@ -171,15 +200,6 @@ def build_report(*, gemma_cfg: gemma_lib.GemmaConfig, enc_cfg: EncoderConfig,
     cost = cost[0] if cost else {}
   flops = float(cost["flops"]) if cost and "flops" in cost else None
 
-  rows, replicated = [], []
-  for part in ("params", "frozen"):
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abs_state[part])[0]:
-      name = part + jax.tree_util.keystr(path)
-      spec = leaf.sharding.spec
-      rows.append((name, tuple(leaf.shape), str(spec), _shard_bytes(leaf)))
-      if leaf.size > min_sharded and leaf.sharding.is_fully_replicated:
-        replicated.append(f"{name} shape={tuple(leaf.shape)} spec={spec}")
-  rows.sort(key=lambda r: -r[3])
   n_tr = sum(x.size for x in jax.tree.leaves(abs_state["params"]))
   n_fr = sum(x.size for x in jax.tree.leaves(abs_state["frozen"]))
   return Report(mesh=dict(mesh.shape), num_params=int(n_tr + n_fr), num_trainable=int(n_tr),
@@ -262,10 +282,6 @@ def main(argv=None) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump(r.to_dict(), f, indent=2, default=str)
-  if r.replicated_large:
-    raise AssertionError(f"{len(r.replicated_large)} parameters with > {args.min_sharded} "
-                         f"elements are fully replicated on mesh {r.mesh}:\n  "
-                         + "\n  ".join(r.replicated_large))
   if args.check_fit and not r.fits:
     raise AssertionError(f"peak {r.peak_bytes_per_device / GiB:.2f} GiB per device does not "
                          f"fit a {args.chip_gib:g} GiB chip")
