@@ -128,3 +128,13 @@ def test_loop_logs_throughput_data_wait_and_mfu(tmp_path, monkeypatch, caplog):
   rows = read_metrics(str(tmp_path / "w"))
   assert {"train/tokens_per_sec", "train/data_wait_frac", "train/mfu",
           "train/steps_per_sec"} <= set(rows[5])
+
+
+def test_batch_geometry_counts_llm_tokens_else_sequence_positions():
+  sds = jax.ShapeDtypeStruct
+  enc = {"genre_BxTxG": sds((8, 50, 3), np.int32), "item_BxT": sds((8, 50), np.int32)}
+  assert loop._batch_geometry(enc) == (8, 50)
+  stage2 = {"item": sds((4, 50), np.int32), "genre": sds((4, 50, 3), np.int32),
+            "tokens_BxL": sds((4, 96), np.int32), "prompt_len_B": sds((4,), np.int32)}
+  assert loop._batch_geometry(stage2) == (4, 96)
+  assert loop._batch_geometry({"x_B": sds((6,), np.float32)}) == (6, 1)

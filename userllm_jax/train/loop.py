@@ -161,6 +161,16 @@ def _analysis_dict(obj) -> dict:
   return out
 
 
+def _batch_geometry(abs_batch) -> tuple[int, int]:
+  """(global examples, sequence positions per example) of a batch: the second dim of a leaf
+  named ``tokens*`` (LLM batches), else of the first leaf with >= 2 dims (e.g. ``*_BxT``)."""
+  leaves = jax.tree_util.tree_flatten_with_path(abs_batch)[0]
+  named = [x for p, x in leaves if "tokens" in jax.tree_util.keystr(p) and x.ndim >= 2]
+  wide = named or [x for _, x in leaves if x.ndim >= 2]
+  examples = leaves[0][1].shape[0]
+  return examples, (wide[0].shape[1] if wide else 1)
+
+
 def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.Module],
                  loss_fn: Callable, train_iter, trainable: Any = nnx.Param,
                  eval_fn: Optional[Callable[[nnx.Module, int], dict]] = None,
@@ -370,11 +380,10 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
                             if k in ("flops", "bytes accessed", "transcendentals")}}
         logging.info("compiled train step in %.1fs: %s", compile_stats["compile_s"],
                      {k: v for k, v in compile_stats.items() if k != "compile_s"})
-        lead = max(jax.tree.leaves(abs_batch), key=lambda a: a.ndim)
+        examples, positions = _batch_geometry(abs_batch)
         perf.update(flops=compile_stats.get("cost_flops"),
                     peak=mfu_lib.device_peak_flops(mesh.devices.flat[0]),
-                    examples=lead.shape[0],
-                    tokens=lead.shape[0] * (lead.shape[1] if lead.ndim > 1 else 1))
+                    examples=examples, tokens=examples * positions)
         compile_stats.update(device_kind=getattr(mesh.devices.flat[0], "device_kind", ""),
                              peak_flops_per_device=perf["peak"])
         if perf["peak"] is None:
