@@ -15,9 +15,9 @@ def _report(tmp_path, *args):
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = tmp_path / "report.json"
   proc = subprocess.run(
-      [sys.executable, "-m", "userllm_jax.train.sharding_report", "--layers=1", "--seq=64",
-       "--target=16", "--hist=16", "--batch=8", "--num_items=5000", f"--json={out}", *args],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+      [sys.executable, "-m", "userllm_jax.train.sharding_report", "--layers=1", "--seq=32",
+       "--target=8", "--hist=8", "--batch=8", "--num_items=1000", f"--json={out}", *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
   return proc, (json.loads(out.read_text()) if out.exists() else None)
 
 
