@@ -128,11 +128,12 @@ def build_report(*, gemma_cfg: gemma_lib.GemmaConfig, enc_cfg: EncoderConfig,
                  ucfg: ul.UserLLMConfig, mesh_shape: dict, batch: int, hist_len: int,
                  seq_len: int, target_len: int, min_sharded: int = 2**20,
                  chip_gib: float = 16.0, devices=None,
-                 fail_on_replicated: bool = True) -> Report:
+                 fail_on_replicated: bool = True, compile: bool = True) -> Report:
   """Lower and compile the train step on abstract inputs; see the module doc.
 
   With ``fail_on_replicated`` a fully replicated parameter of more than ``min_sharded``
-  elements raises ``AssertionError`` before anything is compiled.
+  elements raises ``AssertionError`` before anything is compiled.  ``compile=False``: only
+  the exact per-device parameter / optimizer-state bytes (no XLA memory analysis).
   """
   mesh = mesh_lib.make_mesh(mesh_shape, devices=devices)
   tx, _ = optim.make_optimizer({"lr": 1e-4, "warmup_steps": 10, "grad_clip": 1.0,
@@ -186,16 +187,19 @@ def build_report(*, gemma_cfg: gemma_lib.GemmaConfig, enc_cfg: EncoderConfig,
     jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                      out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
     t0 = time.time()
-    compiled = jitted.lower(abs_state, abs_batch).compile()
+    compiled = jitted.lower(abs_state, abs_batch).compile() if compile else None
     compile_s = time.time() - t0
 
-  mem = compiled.memory_analysis()
+  mem = compiled.memory_analysis() if compiled is not None else None
   memory = {k: int(getattr(mem, k)) for k in (
       "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
       "temp_size_in_bytes", "generated_code_size_in_bytes") if hasattr(mem, k)}
   peak = (memory.get("argument_size_in_bytes", 0) + memory.get("output_size_in_bytes", 0)
           - memory.get("alias_size_in_bytes", 0) + memory.get("temp_size_in_bytes", 0))
-  cost = compiled.cost_analysis()
+  if compiled is None:   # a lower bound: the state and f32-sized gradients, no activations
+    memory = {"argument_size_in_bytes": _tree_shard_bytes(abs_state)}
+    peak = memory["argument_size_in_bytes"] + _tree_shard_bytes(abs_state["params"])
+  cost = compiled.cost_analysis() if compiled is not None else None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   flops = float(cost["flops"]) if cost and "flops" in cost else None
@@ -225,7 +229,10 @@ def format_report(r: Report, title: str = "") -> str:
       f"  XLA outputs              {g(r.memory.get('output_size_in_bytes', 0))}",
       f"  XLA aliased (donated)    {g(r.memory.get('alias_size_in_bytes', 0))}",
       f"  XLA temp (activations, grads, buffers) {g(r.memory.get('temp_size_in_bytes', 0))}",
-      f"  peak = args + out - alias + temp       {g(r.peak_bytes_per_device)}"
+      (f"  peak = args + out - alias + temp       {g(r.peak_bytes_per_device)}"
+       if "temp_size_in_bytes" in r.memory else
+       f"  not compiled: state + gradients (a lower bound, no activations) "
+       f"{g(r.peak_bytes_per_device)}") +
       f"  of {r.chip_bytes / GiB:.0f} GiB: {'fits' if r.fits else 'DOES NOT FIT'}",
   ]
   if r.flops_per_device is not None:
@@ -256,6 +263,8 @@ def main(argv=None) -> int:
   p.add_argument("--min_sharded", type=int, default=2**20)
   p.add_argument("--chip_gib", type=float, default=16.0)
   p.add_argument("--check_fit", type=int, default=1)
+  p.add_argument("--compile", type=int, default=1,
+                 help="0: exact parameter/optimizer bytes and the sharding check only")
   p.add_argument("--json", default="", help="also write the report here")
   args = p.parse_args(argv)
   data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
@@ -272,7 +281,7 @@ def main(argv=None) -> int:
                    mesh_shape={"data": data, "fsdp": fsdp, "tensor": tensor},
                    batch=args.batch, hist_len=args.hist, seq_len=args.seq,
                    target_len=args.target, min_sharded=args.min_sharded,
-                   chip_gib=args.chip_gib)
+                   chip_gib=args.chip_gib, compile=bool(args.compile))
   title = (f"User-LLM train step: {args.llm} ({gcfg.num_layers} layers, D={gcfg.embed_dim}, "
            f"{args.dtype} compute, f32 params) + encoder D=256 + perceiver, mode={args.mode}, "
            f"strategy={args.strategy}; global batch {args.batch} x {args.seq} tokens "
