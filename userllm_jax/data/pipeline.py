@@ -13,7 +13,8 @@ Training (:func:`make_train_iterator`)::
     -> pad to max_len  |  FirstFitPackIterDataset (packing=True)
     .batch(batch_size, drop_remainder=True)
     .map(genres gathered from item_genres for the whole batch; key names)
-    [.mp_prefetch(worker_count)]
+    [.mp_prefetch(worker_count)]    # -1 = auto: sized from the host's cores
+                                    # (resolve_worker_count)
 
 Only one user record is read per example and the crop happens inside the map,
 so 10,000-item histories stream without copying the dataset. The iterator's
@@ -123,21 +124,73 @@ def pad_example(ex: dict, max_len: int,
 
 
 # ----------------------------------------------------------------------------
+# Host resources.
+
+
+def available_cpus() -> int:
+  """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` elsewhere)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
+def resolve_worker_count(worker_count: int, cpus: Optional[int] = None) -> int:
+  """Grain worker processes for ``data.worker_count``; ``-1`` = auto from the host's cores.
+
+  Auto: 0 (in-process) below 4 CPUs -- a worker process costs a core of its own and the
+  trainer's Python thread, XLA's host threads and the device-prefetch thread need the others
+  (on 2 cores, ``benchmarks/pipeline.py`` measured in-process reading as fast as 1-2
+  workers) -- else half the CPUs, at most 16: one process drives all accelerators of a
+  host, so the other half stays with it.
+  """
+  worker_count = int(worker_count)
+  if worker_count >= 0:
+    return worker_count
+  if worker_count != -1:
+    raise ValueError(f"data.worker_count={worker_count}: expected >= 0, or -1 (auto)")
+  cpus = available_cpus() if cpus is None else int(cpus)
+  return 0 if cpus < 4 else min(16, cpus // 2)
+
+
+# ----------------------------------------------------------------------------
 # Training.
 
 
 class _UserSubset:
-  """Random access to ``prepared.record(indices[i])`` (a Grain source)."""
+  """Random access to ``prepared.record(indices[i])`` (a Grain source).
 
-  def __init__(self, prepared, indices: np.ndarray):
+  ``cache``: keep each decoded record's ``fields`` in memory after its first read (an
+  ArrayRecord read + msgpack decode costs ~0.1 ms, which alone limits one process to a
+  few dozen batches of 128 per second); each worker process keeps its own cache.
+  """
+
+  def __init__(self, prepared, indices: np.ndarray, *, cache: bool = False,
+               fields: Optional[Sequence[str]] = None):
     self.prepared = prepared
     self.indices = np.asarray(indices, np.int64)
+    self.fields = tuple(fields) if fields else None
+    self.cache = cache
+    self._cache: dict = {}
 
   def __len__(self) -> int:
     return int(self.indices.shape[0])
 
   def __getitem__(self, i: int) -> dict:
-    return self.prepared.record(int(self.indices[i]))
+    if not self.cache:
+      return self.prepared.record(int(self.indices[i]))
+    rec = self._cache.get(i)
+    if rec is None:
+      rec = self.prepared.record(int(self.indices[i]))
+      if self.fields:
+        rec = {k: rec[k] for k in self.fields}
+      self._cache[i] = rec
+    return rec
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_cache"] = {}
+    return state
 
   def __repr__(self) -> str:
     return f"_UserSubset({self.prepared!r}, n={len(self)})"
@@ -233,6 +286,31 @@ class _Pad:
     return pad_example(ex, self.max_len, fields=TRAIN_FIELDS)
 
 
+class _TrainCropPad(_TrainCrop):
+  """``_TrainCrop`` then ``_Pad`` in one map (the same rng draw, so the same examples):
+  one Grain stage less per example, and the padded arrays are filled without copies."""
+
+  def __call__(self, rec: dict, rng: np.random.Generator) -> dict:
+    n_train = rec["item"].shape[0] - 2
+    start, stop = random_window(n_train, self.max_len + 1, rng)
+    n = stop - start - 1
+    T = self.max_len
+    out = {k: np.zeros((T,), np.int32) for k in TRAIN_FIELDS + ("position", "segment")}
+    item = rec["item"][start:stop]
+    rating = rec["rating"][start:stop]
+    out["item"][:n] = item[:-1]
+    out["target_item"][:n] = item[1:]
+    out["rating"][:n] = rating[:-1]
+    out["target_rating"][:n] = rating[1:]
+    out["timegap"][:n] = rec["timegap"][start:stop - 1]
+    out["position"][:n] = _ARANGE[:n] if n <= _ARANGE.size else np.arange(n)
+    out["segment"][:n] = 1
+    return out
+
+
+_ARANGE = np.arange(4096, dtype=np.int32)
+
+
 def _from_packed(ex: dict) -> dict:
   out = {k: np.asarray(ex[k], np.int32) for k in TRAIN_FIELDS}
   out["position"] = np.asarray(ex["item_positions"], np.int32)
@@ -253,6 +331,14 @@ class _ToBatch:
     return {batch_key(k): np.asarray(b[k], np.int32) for k in BATCH_FIELDS}
 
 
+class _StackToBatch(_ToBatch):
+  """Grain ``batch_fn``: stacks padded examples, then :class:`_ToBatch`."""
+
+  def __call__(self, examples) -> dict:
+    keys = examples[0].keys()
+    return super().__call__({k: np.stack([e[k] for e in examples]) for k in keys})
+
+
 def train_users(prepared, min_train_items: int = 2) -> np.ndarray:
   """Users whose leave-one-out training part has >= ``min_train_items``."""
   return np.nonzero(np.asarray(prepared.lengths) - 2 >= min_train_items)[0]
@@ -263,7 +349,8 @@ def make_train_dataset(prepared, *, max_len: int, batch_size: int, seed: int,
                        shard_count: int = 1, num_epochs: Optional[int] = None,
                        worker_count: int = 0,
                        num_packing_bins: Optional[int] = None,
-                       read_options=None):
+                       read_options=None, worker_buffer_size: int = 2,
+                       cache_max_interactions: int = 20_000_000):
   """The training pipeline as a ``grain.IterDataset`` (see module docstring).
 
   ``num_packing_bins`` defaults to ``batch_size``. ``read_options`` (a
@@ -271,7 +358,10 @@ def make_train_dataset(prepared, *, max_len: int, batch_size: int, seed: int,
   a buffer of ``max(64, 2 * batch_size)`` examples: the per-example work is
   Python (GIL-bound), and Grain's own default (16 threads, 500 buffered) was
   2.5-3.5x slower in benchmarks/pipeline.py on 2 cores. Scale out with
-  ``worker_count`` (processes) instead.
+  ``worker_count`` (processes; -1 = auto, :func:`resolve_worker_count`) instead,
+  each worker keeping ``worker_buffer_size`` batches ready. Datasets of at most
+  ``cache_max_interactions`` interactions keep their decoded training fields in memory
+  after the first read (12 bytes per interaction per process).
   """
   if max_len < 1 or batch_size < 1:
     raise ValueError(f"max_len and batch_size must be >= 1; got {max_len}, "
@@ -287,30 +377,45 @@ def make_train_dataset(prepared, *, max_len: int, batch_size: int, seed: int,
         f"{getattr(prepared, 'directory', prepared)}: {users.size} users have "
         f">= 4 interactions (a training part of >= 2 items after holding out "
         f"valid and test); at least shard_count={shard_count} required")
-  ds = grain.MapDataset.source(_UserSubset(prepared, users))
+  cache = int(getattr(prepared, "num_interactions", 0) or 0) <= cache_max_interactions
+  ds = grain.MapDataset.source(_UserSubset(prepared, users, cache=cache,
+                                           fields=("item", "rating", "timegap")))
   ds = epoch_shuffle(ds, seed).repeat(num_epochs)
   ds = ds[shard_index::shard_count]
-  ds = ds.random_map(_TrainCrop(prepared.item_genres, max_len), seed=seed)
-  if read_options is None:
-    read_options = grain.ReadOptions(
-        num_threads=min(4, os.cpu_count() or 1),
-        prefetch_buffer_size=max(64, 2 * batch_size))
-  it = ds.to_iter_dataset(read_options)
   if packing:
+    ds = ds.random_map(_TrainCrop(prepared.item_genres, max_len), seed=seed)
+    if read_options is None:
+      read_options = grain.ReadOptions(
+          num_threads=min(4, os.cpu_count() or 1),
+          prefetch_buffer_size=max(64, 2 * batch_size))
+    it = ds.to_iter_dataset(read_options)
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={k: max_len for k in TRAIN_FIELDS},
         num_packing_bins=num_packing_bins or batch_size, seed=seed,
         shuffle_bins=True)
     it = it.map(_from_packed)
+    it = it.batch(batch_size, drop_remainder=True)
+    it = it.map(_ToBatch(prepared.item_genres))
   else:
-    it = it.map(_Pad(max_len))
-  it = it.batch(batch_size, drop_remainder=True)
-  it = it.map(_ToBatch(prepared.item_genres))
+    # Padded rows need no look-ahead: crop + pad + batch at the MapDataset level, so the
+    # iterator (and its read-ahead threads) handles whole batches, and Grain's per-element
+    # iterator overhead (~2/3 of the CPU time per example, profiled) is paid once per batch.
+    # The examples are the same as crop -> to_iter_dataset -> pad -> batch (random_map's
+    # rng is per element index either way).
+    ds = ds.random_map(_TrainCropPad(prepared.item_genres, max_len), seed=seed)
+    ds = ds.batch(batch_size, drop_remainder=True,
+                  batch_fn=_StackToBatch(prepared.item_genres))
+    if read_options is None:
+      read_options = grain.ReadOptions(num_threads=min(2, os.cpu_count() or 1),
+                                       prefetch_buffer_size=4)
+    it = ds.to_iter_dataset(read_options)
+  worker_count = resolve_worker_count(worker_count)
   if worker_count > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()  # mp_prefetch reads absl flags.
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=max(1, int(worker_buffer_size))))
   return it
 
 
@@ -319,14 +424,17 @@ def make_train_iterator(prepared, *, max_len: int, batch_size: int, seed: int,
                         shard_count: int = 1, num_epochs: Optional[int] = None,
                         worker_count: int = 0,
                         num_packing_bins: Optional[int] = None,
-                        read_options=None):
+                        read_options=None, worker_buffer_size: int = 2,
+                        cache_max_interactions: int = 20_000_000):
   """A ``grain.DatasetIterator`` of pretraining batches (exact resume via
   ``get_state()/set_state()``)."""
   return iter(make_train_dataset(
       prepared, max_len=max_len, batch_size=batch_size, seed=seed,
       packing=packing, shard_index=shard_index, shard_count=shard_count,
       num_epochs=num_epochs, worker_count=worker_count,
-      num_packing_bins=num_packing_bins, read_options=read_options))
+      num_packing_bins=num_packing_bins, read_options=read_options,
+      worker_buffer_size=worker_buffer_size,
+      cache_max_interactions=cache_max_interactions))
 
 
 # ----------------------------------------------------------------------------

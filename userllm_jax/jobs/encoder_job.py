@@ -22,7 +22,11 @@ Config fields (besides ``train.*`` / ``mesh.*`` read by the loop):
 * ``data.name, data.source ('' = default), data.dir ('' = cache), data.settings``
   (prepare settings, e.g. ``min_user_count``; ``reader_kwargs`` for the
   reader), ``data.max_len`` (else ``model.max_len``), ``data.packing``,
-  ``data.worker_count``; the global batch is ``train.batch_size`` (or
+  ``data.worker_count`` (Grain worker processes; -1, the default when unset, = auto from
+  the host's cores, see ``data.pipeline.resolve_worker_count``), ``data.worker_buffer_size``
+  (batches each worker keeps ready, 2); ``train.prefetch`` (batches placed on the devices
+  ahead of the step, 2; read by ``train/loop.py``, which logs the data-wait fraction); the
+  global batch is ``train.batch_size`` (or
   ``data.batch_size``), split evenly over processes;
 * ``model.*``: :class:`EncoderConfig` fields (vocabulary sizes and ``max_len``
   come from the data; ``train.dtype`` / ``train.remat`` override
@@ -247,11 +251,16 @@ def train_and_evaluate(config, workdir: str):
   if global_bs % jax.process_count():
     raise ValueError(f"train.batch_size={global_bs} is not divisible by the "
                      f"{jax.process_count()} processes")
+  workers = pipeline.resolve_worker_count(int(_get(config.data, "worker_count", -1)))
+  logging.info("input pipeline: %d Grain worker processes (data.worker_count=%s, %d CPUs), "
+               "device prefetch %s", workers, _get(config.data, "worker_count", -1),
+               pipeline.available_cpus(), _get(config.train, "prefetch", 2))
   train_iter = pipeline.make_train_iterator(
       prepared, max_len=ecfg.max_len, batch_size=global_bs // jax.process_count(),
       seed=int(_get(config, "seed", 0)), packing=bool(_get(config.data, "packing", False)),
       shard_index=jax.process_index(), shard_count=jax.process_count(),
-      worker_count=int(_get(config.data, "worker_count", 0)))
+      worker_count=workers,
+      worker_buffer_size=int(_get(config.data, "worker_buffer_size", 2)))
 
   eval_cfg = _get(config, "eval", None)
   periodic = None

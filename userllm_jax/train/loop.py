@@ -32,12 +32,22 @@ under strategy enc/proj/lora does not rewrite the whole LLM at every checkpoint.
 
 Config fields read (``config.train``): ``steps, lr, warmup_steps,
 weight_decay, grad_clip, grad_accum, ckpt_every, keep, log_every, eval_every``
-and optionally ``min_lr_ratio, b1, b2, eps, assert_sharded_min_size, save_frozen``;
+and optionally ``min_lr_ratio, b1, b2, eps, assert_sharded_min_size, save_frozen,
+prefetch`` (batches placed on the devices ahead of the step, default 2; 0 = none);
 ``config.mesh`` and ``config.seed``.  ``train.dtype`` / ``train.remat`` are the
 model's business (jobs pass them into the model config).
 
 Host/device overlap: step n is dispatched before step n-1's metrics are
-fetched, so the host never waits for the device except at checkpoints/evals.
+fetched, so the host never waits for the device except at checkpoints/evals; a
+background thread (``train/prefetch.py``) reads the next ``train.prefetch`` batches
+and places them on the devices while the step runs (the checkpointed data position
+is that of the last batch consumed, not of the prefetched ones).
+
+Every ``log_every`` steps the log line and ``metrics.jsonl``/TensorBoard carry
+steps/s, examples/s, tokens/s (global batch x sequence positions, padding included),
+``data_wait`` (the fraction of wall time the loop spent blocked waiting for the next
+batch) and, on devices with a known peak (``train/mfu.py``), the MFU: the compiled
+step's FLOPs per device (XLA cost analysis) over step time x peak.
 Every step's metrics are checked; a NaN/Inf stops the run with an error naming
 the step and the metric (the state of that step is never checkpointed).
 
@@ -66,7 +76,9 @@ from jax.sharding import PartitionSpec as P
 
 from userllm_jax.train import checkpoint as ckpt_lib
 from userllm_jax.train import mesh as mesh_lib
+from userllm_jax.train import mfu as mfu_lib
 from userllm_jax.train import optim
+from userllm_jax.train import prefetch as prefetch_lib
 from userllm_jax.train.metrics_writer import MetricsWriter
 
 
@@ -84,6 +96,7 @@ class TrainResult:
   eval_history: list           # [(step, {metric: float})]
   mesh: jax.sharding.Mesh
   compile_stats: dict          # memory / cost analysis of the compiled step
+  throughput: list = dataclasses.field(default_factory=list)  # [(step, {steps_per_sec, ...})]
 
 
 @dataclasses.dataclass
@@ -152,6 +165,16 @@ def _analysis_dict(obj) -> dict:
   return out
 
 
+def _batch_geometry(abs_batch) -> tuple[int, int]:
+  """(global examples, sequence positions per example) of a batch: the second dim of a leaf
+  named ``tokens*`` (LLM batches), else of the first leaf with >= 2 dims (e.g. ``*_BxT``)."""
+  leaves = jax.tree_util.tree_flatten_with_path(abs_batch)[0]
+  named = [x for p, x in leaves if "tokens" in jax.tree_util.keystr(p) and x.ndim >= 2]
+  wide = named or [x for _, x in leaves if x.ndim >= 2]
+  examples = leaves[0][1].shape[0]
+  return examples, (wide[0].shape[1] if wide else 1)
+
+
 def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.Module],
                  loss_fn: Callable, train_iter, trainable: Any = nnx.Param,
                  eval_fn: Optional[Callable[[nnx.Module, int], dict]] = None,
@@ -180,6 +203,7 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
   # build_model on resume, so checkpoints leave them out unless train.save_frozen is set.
   save_frozen = bool(_cfg_get(tcfg, "save_frozen", False))
   min_shard = _cfg_get(tcfg, "assert_sharded_min_size", 0)
+  prefetch_size = int(_cfg_get(tcfg, "prefetch", 2))
   if mesh is None:
     mesh = mesh_lib.make_mesh(_cfg_get(config, "mesh", None))
   tx, schedule = optim.make_optimizer(tcfg, total_steps)
@@ -293,7 +317,10 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
 
     history: list = []
     eval_history: list = []
+    throughput: list = []
     compile_stats: dict = {}
+    feed = None                 # DevicePrefetcher over `iterator`, after the first batch
+    perf = {"flops": None, "peak": None, "examples": 0, "tokens": 0}
     writer = MetricsWriter(workdir, enabled=primary)
     preemption = _Preemption(checkpointer)
     ctx = LoopContext(checkpointer=checkpointer, state=state, workdir=workdir)
@@ -315,12 +342,25 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
       history.append((s, values))
       if (s + 1) % log_every == 0 or s == start_step or s + 1 == total_steps:
         now = time.time()
-        rate = (s + 1 - last_log[1]) / max(now - last_log[0], 1e-9)
+        window = max(now - last_log[0], 1e-9)
+        rate = (s + 1 - last_log[1]) / window
+        wait = 0.0
+        if feed is not None:
+          wait, feed.wait_s = feed.wait_s, 0.0
         last_log[:] = [now, s + 1]
-        logging.info("step %d/%d %s %.2f steps/s", s, total_steps,
-                     " ".join(f"{k}={v:.5g}" for k, v in sorted(values.items())), rate)
+        perf_now = {"steps_per_sec": rate, "examples_per_sec": perf["examples"] * rate,
+                    "tokens_per_sec": perf["tokens"] * rate,
+                    "data_wait_frac": min(wait / window, 1.0)}
+        util = mfu_lib.mfu(perf["flops"], 1.0 / rate if rate > 0 else 0.0, perf["peak"])
+        if util is not None:
+          perf_now["mfu"] = util
+        throughput.append((s, perf_now))
+        logging.info("step %d/%d %s %.2f steps/s %.4g tokens/s data_wait=%.1f%%%s", s,
+                     total_steps, " ".join(f"{k}={v:.5g}" for k, v in sorted(values.items())),
+                     rate, perf_now["tokens_per_sec"], 100 * perf_now["data_wait_frac"],
+                     "" if util is None else f" MFU={100 * util:.1f}%")
         writer.write_scalars(s, {f"train/{k}": v for k, v in values.items()}
-                             | {"train/steps_per_sec": rate})
+                             | {f"train/{k}": v for k, v in perf_now.items()})
 
     try:
       first_batch = None
@@ -350,18 +390,26 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
                             if k in ("flops", "bytes accessed", "transcendentals")}}
         logging.info("compiled train step in %.1fs: %s", compile_stats["compile_s"],
                      {k: v for k, v in compile_stats.items() if k != "compile_s"})
+        examples, positions = _batch_geometry(abs_batch)
+        perf.update(flops=compile_stats.get("cost_flops"),
+                    peak=mfu_lib.device_peak_flops(mesh.devices.flat[0]),
+                    examples=examples, tokens=examples * positions)
+        compile_stats.update(device_kind=getattr(mesh.devices.flat[0], "device_kind", ""),
+                             peak_flops_per_device=perf["peak"])
+        if perf["peak"] is None:
+          logging.info("no peak FLOP/s known for device %r: logging throughput, not MFU",
+                       compile_stats["device_kind"])
+        feed = prefetch_lib.DevicePrefetcher(iterator, to_global, prefetch_size,
+                                             first=first_batch)
+        first_batch = None
         last_log[:] = [time.time(), step]     # steps/s excludes the compile
 
       while step < total_steps:
-        if first_batch is not None:
-          local, first_batch = first_batch, None
-        else:
-          try:
-            local = next(iterator)
-          except StopIteration as e:
-            raise RuntimeError(f"train_iter ran out of data at step {step} of "
-                               f"{total_steps}") from e
-        batch = to_global(local)
+        try:
+          batch = next(feed)
+        except StopIteration as e:
+          raise RuntimeError(f"train_iter ran out of data at step {step} of "
+                             f"{total_steps}") from e
         # The AOT-compiled step serves the first batch's shapes; a batch of other shapes (e.g.
         # stage 2's one-task batches, each padded to its task's longest target) goes through
         # the jit cache, which compiles once per shape.
@@ -386,7 +434,9 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
           logging.info("eval step %d: %s", step, values)
           writer.write_scalars(step, {f"eval/{k}": v for k, v in values.items()})
         if want_ckpt or preempted:
-          checkpointer.save(step, saved_part(state), data_ckpt, force=preempted)
+          checkpointer.save(step, saved_part(state),
+                            feed.position() if data_ckpt is not None else None,
+                            force=preempted)
         if step_hook is not None:
           step_hook(step, ctx)
         if preempted:
@@ -401,6 +451,8 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
         consume(pending)
         pending = None
     finally:
+      if feed is not None:
+        feed.close()
       preemption.uninstall()
       writer.close()
       checkpointer.close()
@@ -408,4 +460,4 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
     model = merge(state["params"], state["frozen"], state["rest"])
   return TrainResult(model=model, state=state, step=step, start_step=start_step,
                      history=history, eval_history=eval_history, mesh=mesh,
-                     compile_stats=compile_stats)
+                     compile_stats=compile_stats, throughput=throughput)
