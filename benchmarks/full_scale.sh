@@ -61,8 +61,11 @@ fetch_wheels() {
     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
   # shellcheck disable=SC2086
-  grep -v -E '^\s*(#|$)' benchmarks/gpu_wheels.txt | xargs $PY -m pip download -q --no-deps \
-    --only-binary=:all: --python-version 3.12 --implementation cp $plat -d .whl || return 1
+  grep -v -E '^\s*(#|$)' benchmarks/gpu_wheels.txt | grep -v '# build' | sed 's/#.*//' \
+    | xargs $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp $plat -d .whl || return 1
+  grep '# build' benchmarks/gpu_wheels.txt | grep -v -E '^\s*#' | sed 's/#.*//' \
+    | xargs $PY -m pip wheel -q --no-deps -w .whl || return 1
   # The embedded ml-100k (weights.embedded / data.sources.embedded read it from the wheel; not
   # installed): from the local cache when there, else from PyPI.
   local cached=${USERLLM_CACHE:-$HOME/.cache/userllm_jax}/downloads/recbole-1.2.1-py3-none-any.whl
