@@ -37,6 +37,8 @@ import sys
 import tempfile
 from typing import Optional
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 MANIFEST = "manifest.json"
 MIB = 1 << 20
 FORMAT = 1
@@ -46,12 +48,15 @@ class PieceError(RuntimeError):
   """A missing, truncated or corrupted piece, or a joined file whose sha256 is wrong."""
 
 
-def sha256_file(path: os.PathLike | str, chunk: int = 4 * MIB) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(chunk), b""):
-      h.update(block)
-  return h.hexdigest()
+try:  # the project's one sha256 helper
+  from userllm_jax.paths import sha256_file  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:  # a paths.py that predates it
+  def sha256_file(path: os.PathLike | str, chunk: int = 4 * MIB) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(chunk), b""):
+        h.update(block)
+    return h.hexdigest()
 
 
 def piece_names(n: int) -> list[str]:
