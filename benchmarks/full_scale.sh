@@ -144,9 +144,9 @@ LLM_OVERRIDE=()
 if [ -f "$WTS/manifest.json" ]; then
   t0=$(date +%s)
   if [ "$GGUF_USE" = cache ]; then
-    $PY benchmarks/gpu_weights.py join --src="$WTS" --out=/tmp/gguf --build_cache 2>&1 | tee -a "$ENV_TXT" || exit 1
+    $PY benchmarks/gpu_weights.py join --src="$WTS" --out="$WORK/gguf" --build_cache 2>&1 | tee -a "$ENV_TXT" || exit 1
   else
-    line=$($PY benchmarks/gpu_weights.py join --src="$WTS" --out=/tmp/gguf 2>&1) || { echo "$line" | tee -a "$ENV_TXT"; exit 1; }
+    line=$($PY benchmarks/gpu_weights.py join --src="$WTS" --out="$WORK/gguf" 2>&1) || { echo "$line" | tee -a "$ENV_TXT"; exit 1; }
     echo "$line" | tee -a "$ENV_TXT"
     gguf=$(echo "$line" | sed -n 's/^joined \(.*\) (sha256 checked)$/\1/p')
     LLM_OVERRIDE=("--config.llm.name=$gguf")
