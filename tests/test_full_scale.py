@@ -65,7 +65,8 @@ def test_tiny_config_end_to_end(tmp_path):
     pytest.skip("configs/userllm_movielens_100k.py has no :tiny variant")
   wts = _pieces(tmp_path)
   proc = _run(tmp_path, f"--config={CONFIG}:tiny", f"--wts={wts}", "--gguf_use=path",
-              "--total_s=400", "--", "--config.llm.name=tiny", "--config.train.steps=6")
+              "--total_s=400", "--", "--config.llm.name=tiny", "--config.train.steps=6",
+              "--config.encoder.train.steps=10")
   out = tmp_path / "out"
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   env_txt = (out / "env.txt").read_text()
