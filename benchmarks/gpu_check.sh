@@ -6,7 +6,8 @@
 # USERLLM_CACHE must already hold the embedded ml-100k (python -m userllm_jax.prepare
 # --dataset=movielens-100k fills it; the machine may be offline).  Phase A runs, side by side
 # on the one GPU, the ml-100k encoder job through the real entry point and the encoder tuning
-# sweep ($SWEEP, default benchmarks/encoder_sweep_short.txt; benchmarks/sweep_encoder.py).
+# sweep ($SWEEP, default benchmarks/encoder_sweep_short.txt; benchmarks/sweep_encoder.py runs
+# the same job with each line's config overrides).
 # Phase B runs the throughput benchmarks alone, phase C the model test subset on the GPU (f32
 # matmuls at full precision, since the tests' tolerances are for f32).  Everything lands in
 # $OUT (logs, results.json, sweep.json).  On an H100 (2026-11-27): the job 2.5 min, the short
@@ -19,8 +20,6 @@ export USERLLM_OFFLINE=1 PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import sys, jax, flax, optax, orbax.checkpoint as o, grain; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'grain', grain.__version__, jax.devices())"
-USERLLM_CACHE=${USERLLM_CACHE:-$HOME/.cache/userllm_jax}
-DATA=$USERLLM_CACHE/datasets/ml-100k-recbole
 
 SWEEP=${SWEEP:-benchmarks/encoder_sweep_short.txt}
 
@@ -28,7 +27,7 @@ SWEEP=${SWEEP:-benchmarks/encoder_sweep_short.txt}
 ( /usr/bin/time -v timeout 230 $PY -m userllm_jax.main --config=configs/encoder_movielens_100k.py \
     --workdir=/tmp/enc_job > "$OUT/encoder_job.log" 2>&1; echo "encoder job rc $?" >> "$OUT/encoder_job.log";
   cp /tmp/enc_job/results.json "$OUT/encoder_job_results.json" 2>/dev/null ) &
-timeout 300 $PY benchmarks/sweep_encoder.py --data_dir "$DATA" --sweep "$SWEEP" --parallel 7 \
+timeout 300 $PY benchmarks/sweep_encoder.py --sweep "$SWEEP" --parallel 7 \
     --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1; echo "sweep rc $?" >> "$OUT/sweep.log"
 wait
 grep -E "test: |wall clock|Maximum resident|rc " "$OUT/encoder_job.log" | tail -6

@@ -260,7 +260,7 @@ def test_kv_cache_decode_matches_full_forward():
     m(jnp.asarray(toks[:, :1]), cache=cache, media_BxMxD=media)
 
 
-def test_cross_attention_with_zero_gates_is_exactly_the_bare_model():
+def test_cross_attention_with_zero_gates_is_the_bare_model():
   bare = _model(seed=4)
   withx = _model(seed=4, cross_attention_layers=(0, 1))
   # same base weights (xattn blocks are created after the decoder), checked:
@@ -270,7 +270,8 @@ def test_cross_attention_with_zero_gates_is_exactly_the_bare_model():
   media = jnp.asarray(np.random.default_rng(1).normal(0, 1, (2, 4, 32)), jnp.float32)
   a = np.asarray(call(bare, toks))
   b = np.asarray(call(withx, toks, media_BxMxD=media, media_mask_BxM=jnp.ones((2, 4), bool)))
-  np.testing.assert_array_equal(a, b)
+  # Two different XLA graphs: equal up to float32 rounding (fusion may reorder accumulations).
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   withx.xattn["1"].attn_gate[...] = jnp.array(0.3)
   c = np.asarray(call(withx, toks, media_BxMxD=media))
   assert np.abs(c - a).max() > 1e-4

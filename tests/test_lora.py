@@ -57,7 +57,9 @@ def test_identity_at_init_and_param_bookkeeping():
   base = fwd(m, TOKENS)
   n_proj = apply_lora(m, LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
   assert n_proj == 2 * 7
-  np.testing.assert_array_equal(fwd(m, TOKENS), base)       # B = 0: exactly the base model
+  # B = 0: the base model.  A different XLA graph (the LoRA branch may be fused with the base
+  # matmul), so only equal to float32 rounding: 9.5e-7 apart was seen on one CPU.
+  np.testing.assert_allclose(fwd(m, TOKENS), base, rtol=1e-5, atol=1e-5)
   d, h, k, dh, f, r = 32, 4, 2, 8, 64, 4
   per_layer = r * ((d + h * dh) + 2 * (d + k * dh) + (h * dh + d) + 2 * (d + f) + (f + d))
   assert lora_param_count(m) == 2 * per_layer

@@ -59,17 +59,18 @@ def _flat(model, filt=nnx.Param):
 
 
 @pytest.mark.parametrize("strategy", ["enc", "lora"])
-def test_xattn_with_zero_gates_is_exactly_the_bare_llm(strategy):
+def test_xattn_with_zero_gates_is_the_bare_llm(strategy):
   model, bare = _build(CFG.replace(strategy=strategy))
   assert sorted(model.gemma.xattn.keys()) == ["1", "3", "5"]
   tokens, mask = _tokens()
   got = model(_history(), tokens, mask)
   want = bare(tokens, input_mask_BxL=mask)
   assert got.shape == (3, 5, GEMMA.vocab_size)
-  assert jnp.array_equal(got, want)
+  # Two different XLA graphs: equal up to float32 rounding (fusion may reorder accumulations).
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   # Unpadded fast path too.
   got2 = model(_history(), tokens)
-  assert jnp.array_equal(got2, bare(tokens))
+  np.testing.assert_allclose(np.asarray(got2), np.asarray(bare(tokens)), rtol=1e-5, atol=1e-5)
 
 
 def test_soft_prompt_empty_history_equals_bare_llm_and_nonempty_differs():
