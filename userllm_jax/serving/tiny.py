@@ -1,6 +1,6 @@
 """A deterministic tiny random User-LLM, catalogue and tokenizer (tests, demos, no checkpoint).
 
-The same ``seed`` gives the same parameters in every process, so a test can run the server in
+The same ``seed`` gives the same parameters in every process (on one machine), so a test can run the server in
 a subprocess and compare its answers with offline generation on its own copy.  The
 cross-attention gates are set to 1 (a fresh model has them at 0, which would make the user
 tokens invisible).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -60,14 +61,17 @@ def tiny_parts(seed: int = 0, *, mode: str = "xattn", max_len: int = 8,
                            dropout=0.0, max_len=max_len, position=position, fusion=fusion)
   ucfg = ul.UserLLMConfig(mode=mode, use_perceiver=use_perceiver, num_latents=4,
                           perceiver_layers=1, perceiver_heads=2, perceiver_head_dim=8,
-                          xattn_every=3, xattn_num_heads=2, xattn_head_dim=8, xattn_mlp_dim=32)
-  gcfg = gemma_lib.tiny(vocab_size=tok.vocab_size)
-  model = ul.init_userllm(ucfg, ecfg, gcfg, rngs=nnx.Rngs(seed))
+                          xattn_every=2, xattn_num_heads=2, xattn_head_dim=8, xattn_mlp_dim=32)
+  gcfg = gemma_lib.tiny(vocab_size=tok.vocab_size, num_layers=2)
+  build = lambda: ul.init_userllm(ucfg, ecfg, gcfg, rngs=nnx.Rngs(seed))
+  # Built under jit (eager init of many small arrays is slow on a busy CPU).
+  graphdef, _ = nnx.split(nnx.eval_shape(build))
+  model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1])())
   emb = model.gemma.embedder.input_embedding
   emb[...] = emb[...] / jnp.sqrt(jnp.float32(gcfg.embed_dim))  # as jobs/userllm_job.load_llm
   for blk in model.gemma.xattn.values():
     blk.attn_gate[...] = jnp.ones_like(blk.attn_gate[...])
     blk.ffw_gate[...] = jnp.ones_like(blk.ffw_gate[...])
-  if mode == "soft_prompt":   # make the prefix matter at tiny scale
-    model.projector.w2[...] = model.projector.w2[...] * 4.0
+  # make the user tokens matter at tiny scale (random init: they barely would)
+  model.projector.w2[...] = model.projector.w2[...] * 8.0
   return model, tok, catalog
