@@ -123,7 +123,8 @@ def test_service_end_to_end(server):
     meta = r.json()
     assert meta["total_events"] == len(evs) and meta["version"] == len(chunks)
     sent[user] = (evs, meta["window_len"])
-  assert sent["u1"][1] == 6 and sent["u2"][1] == 6   # 3+4 -> 7; +6 > 8 -> restart at max(4, 6)
+  # u1: 3+4 -> 7; +6 > 8 -> restart with max(4, 6) = 6.  u2: 8, then restart with 4, then 5.
+  assert sent["u0"][1] == 5 and sent["u1"][1] == 6 and sent["u2"][1] == 5
 
   users = ["u0", "u1", "u2", "cold"]
   sent["cold"] = ([], 0)

@@ -52,33 +52,39 @@ def _restore_params(state_dir: str) -> dict:
   return restored["params"]
 
 
-def _write_pure(module: nnx.Module, flt, pure: dict, where: str) -> None:
-  """Writes the pure dict ``pure`` into ``nnx.state(module, flt)`` (str/int keys tolerated)."""
+def _write_pure(module: nnx.Module, flt, restored: dict, where: str) -> None:
+  """Writes the restored pure dict into ``nnx.state(module, flt)`` (str/int keys tolerated;
+  shapes checked; every parameter of the filter must be present)."""
   target = nnx.state(module, flt)
-  flat = nnx.to_flat_state(target)
+  template = nnx.to_pure_dict(target)
   missing = []
-  for path, var in flat:
-    node: Any = pure
-    for k in path:
-      if isinstance(node, dict):
-        key = k if k in node else (str(k) if str(k) in node else
-                                   (int(k) if str(k).isdigit() and int(k) in node else None))
-        node = node.get(key) if key is not None else None
-      else:
+
+  def fill(tpl, src, path):
+    if isinstance(tpl, dict):
+      out = {}
+      for k, v in tpl.items():
         node = None
-      if node is None:
-        break
-    if node is None:
-      missing.append("/".join(map(str, path)))
-      continue
-    arr = np.asarray(node)
-    if arr.shape != tuple(var[...].shape):
-      raise ValueError(f"{where}: parameter {'/'.join(map(str, path))} has shape {arr.shape} "
-                       f"in the checkpoint, {tuple(var[...].shape)} in the model")
-    var[...] = jax.numpy.asarray(arr, dtype=var[...].dtype)
+        if isinstance(src, dict):
+          for cand in (k, str(k), int(k) if str(k).isdigit() else None):
+            if cand is not None and cand in src:
+              node = src[cand]
+              break
+        out[k] = fill(v, node, path + (str(k),)) if node is not None else v
+        if node is None:
+          missing.append("/".join(path + (str(k),)))
+      return out
+    arr = np.asarray(src)
+    if arr.shape != tuple(np.shape(tpl)):
+      raise ValueError(f"{where}: parameter {'/'.join(path)} has shape {arr.shape} in the "
+                       f"checkpoint, {tuple(np.shape(tpl))} in the model")
+    return jax.numpy.asarray(arr, dtype=tpl.dtype)
+
+  filled = fill(template, restored, ())
   if missing:
     raise ValueError(f"{where}: {len(missing)} trainable parameters missing from the "
                      f"checkpoint, e.g. {missing[:3]}")
+  nnx.replace_by_pure_dict(target, filled)
+  nnx.update(module, target)
 
 
 def load_parts(config, workdir: str, method: str = "userllm_xattn"):
