@@ -82,9 +82,11 @@ def bench_append(args, catalog):
     ev = _events(rng, n + 1, catalog.num_items)
     batch = inc._batch(ev.tail(n + 1), n + 1)  # pylint: disable=protected-access
     t_full = _time(lambda: jax.block_until_ready(full(params, batch)), 3)
-    cache = inc.append_device(  # the state holding the first n items
-        inc._empty, state_lib.Events(  # pylint: disable=protected-access
-        ev.item[:n], ev.rating[:n], ev.timestamp[:n], ev.timegap[:n]))
+    cache = inc._empty  # pylint: disable=protected-access
+    for s in range(0, n, 1024):   # the state holding the first n items, built in chunks
+      e = min(n, s + 1024)
+      cache = inc.append_device(cache, state_lib.Events(
+          ev.item[s:e], ev.rating[s:e], ev.timestamp[s:e], ev.timegap[s:e]))
     one = ev.tail(1)
     t_app = _time(lambda: jax.block_until_ready(inc.append_device(cache, one).h_BxCxD), 10)
     rows.append((n, t_app, t_full))
