@@ -5,8 +5,11 @@ unchanged, and recomputation of a state written with another encoder."""
 import concurrent.futures
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -26,8 +29,9 @@ CAP = 8  # tiny encoder max_len
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-  d = tmp_path_factory.mktemp("serve")
+def server():
+  # not under pytest's basetemp: a concurrent pytest session may rotate (delete) it
+  d = pathlib.Path(tempfile.mkdtemp(prefix="userllm_serve_"))
   port_file = str(d / "port")
   cmd = [sys.executable, "-m", "userllm_jax.serve", "--demo=tiny", "--port=0",
          f"--port_file={port_file}", f"--store={d / 'users.sqlite'}", f"--api_key={KEY}",
@@ -39,7 +43,7 @@ def server(tmp_path_factory):
   try:
     t0 = time.time()
     while not os.path.exists(port_file):
-      if proc.poll() is not None or time.time() - t0 > 600:
+      if proc.poll() is not None or time.time() - t0 > 1200:
         raise RuntimeError(f"server did not start: {(d / 'log').read_text()[-3000:]}")
       time.sleep(0.2)
     yield f"http://127.0.0.1:{open(port_file).read()}", d
@@ -50,6 +54,7 @@ def server(tmp_path_factory):
     except subprocess.TimeoutExpired:
       proc.kill()
     log.close()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _events(rng, n, t0=1000):
