@@ -668,3 +668,158 @@ def pretrain_loss(model: UserEncoder, batch: Mapping[str, Any], rng: Optional[ja
     metrics["rating_acc"] = r_acc
   metrics["loss"] = loss
   return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental encoding (serving): a per-user key/value cache
+# --------------------------------------------------------------------------------------------
+#
+# The encoder is causal, and everything but attention is per position, so the outputs of
+# positions 0..n-1 do not change when position n is appended.  ``EncoderCache`` keeps, per
+# row (user), every layer's keys/values and the final per-item outputs of a window of at most
+# ``capacity`` items; :func:`encode_append` runs k new items through the stack at positions
+# ``length .. length + k - 1`` (k positions of work; attention reads the cached keys) and
+# writes them into the cache.  Positions are window positions (0 at the window's first item),
+# exactly as :meth:`UserEncoder.__call__` numbers a left-aligned window, so
+# ``init_cache`` + ``encode_append`` of a window equals ``__call__`` on that window (within
+# float tolerance: the attention is computed by a different XLA graph).  What to do when a
+# window is full (re-encode a shorter suffix) is the caller's rule: see
+# ``userllm_jax/serving/state.py``.  Deterministic (inference) only.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class EncoderCache:
+  """Per-row incremental encoder state.
+
+  ``S`` streams (1 for fusion 'early', one per feature for 'late'), ``L`` layers, ``B``
+  rows, capacity ``C``, ``N`` heads of width ``H``; ``D`` the model width.
+  Slots ``>= length_B`` are zero.
+  """
+  k_SxLxBxCxNxH: jax.Array
+  v_SxLxBxCxNxH: jax.Array
+  h_BxCxD: jax.Array      # final per-item outputs (float32), as __call__ returns them
+  length_B: jax.Array     # int32: items in the window
+
+  @property
+  def capacity(self) -> int:
+    return int(self.h_BxCxD.shape[1])
+
+  def valid_BxC(self) -> jax.Array:
+    return jnp.arange(self.capacity)[None, :] < self.length_B[:, None]
+
+
+def init_cache(model: UserEncoder, batch_size: int, capacity: Optional[int] = None
+               ) -> EncoderCache:
+  """An empty :class:`EncoderCache` for ``batch_size`` rows of at most ``capacity`` items
+  (default ``model.cfg.max_len``; learned positions allow at most ``max_len``)."""
+  cfg = model.cfg
+  C = int(capacity or cfg.max_len)
+  if C < 1:
+    raise ValueError(f"init_cache: capacity must be >= 1, got {C}")
+  if cfg.position == "learned" and C > cfg.max_len:
+    raise ValueError(f"init_cache: capacity={C} > model.max_len={cfg.max_len} (learned "
+                     "positions have no embedding beyond max_len)")
+  S = 1 if cfg.fusion == "early" else len(cfg.features)
+  L, N, H, D = cfg.num_layers, cfg.num_heads, cfg.resolved_head_dim, cfg.embed_dim
+  kv = jnp.zeros((S, L, batch_size, C, N, H), cfg.compute_dtype)
+  return EncoderCache(kv, kv, jnp.zeros((batch_size, C, D), jnp.float32),
+                      jnp.zeros((batch_size,), jnp.int32))
+
+
+def _block_append(block: Block, x_BxKxD, position_BxK, new_valid_BxK, k_BxCxNxH, v_BxCxNxH):
+  """One :class:`Block` on K new positions, reading/extending the layer's key/value cache."""
+  cfg = block.cfg
+  dt = cfg.compute_dtype
+  B, C = k_BxCxNxH.shape[:2]
+  h = block.attn_norm(x_BxKxD).astype(dt)
+  q = jnp.einsum("btd,dnh->btnh", h, block.q_proj[...].astype(dt))
+  k = jnp.einsum("btd,dnh->btnh", h, block.k_proj[...].astype(dt))
+  v = jnp.einsum("btd,dnh->btnh", h, block.v_proj[...].astype(dt))
+  if cfg.position == "rotary":
+    q = rotary(q, position_BxK, cfg.rope_base)
+    k = rotary(k, position_BxK, cfg.rope_base)
+  write_BxK = jnp.where(new_valid_BxK, position_BxK, C)  # C: out of range -> dropped
+  rows_Bx1 = jnp.arange(B)[:, None]
+  k_BxCxNxH = k_BxCxNxH.at[rows_Bx1, write_BxK].set(k.astype(k_BxCxNxH.dtype), mode="drop")
+  v_BxCxNxH = v_BxCxNxH.at[rows_Bx1, write_BxK].set(v.astype(v_BxCxNxH.dtype), mode="drop")
+  # Causal: key slot j is visible from the query at window position p iff j <= p (slots below
+  # p hold this row's earlier items, cached or written just above).
+  mask_BxKxC = jnp.arange(C)[None, None, :] <= position_BxK[:, :, None]
+  scale = q.shape[-1] ** -0.5
+  s = jnp.einsum("bknh,bcnh->bnkc", q.astype(jnp.float32),
+                 k_BxCxNxH.astype(jnp.float32)) * scale
+  s = jnp.where(mask_BxKxC[:, None], s, _NEG_INF)
+  p = jax.nn.softmax(s, axis=-1)
+  a = jnp.einsum("bnkc,bcnh->bknh", p, v_BxCxNxH.astype(jnp.float32)).astype(dt)
+  a = jnp.einsum("btnh,nhd->btd", a, block.o_proj[...].astype(dt))
+  x = x_BxKxD + a.astype(x_BxKxD.dtype)
+  h = block.mlp_norm(x).astype(dt)
+  h = jax.nn.gelu(h @ block.up_proj[...].astype(dt) + block.up_bias[...].astype(dt))
+  h = h @ block.down_proj[...].astype(dt)
+  return x + h.astype(x.dtype), k_BxCxNxH, v_BxCxNxH
+
+
+def encode_append(model: UserEncoder, cache: EncoderCache, new_batch: Mapping[str, Any],
+                  num_new_B: Optional[jax.Array] = None) -> EncoderCache:
+  """Appends up to K new items per row to ``cache``; returns the new cache.
+
+  ``new_batch`` holds the new items under the usual batch names with T = K (``item_BxT`` and
+  ``genre_BxTxG`` / ``rating_BxT`` / ``timegap_BxT`` for the enabled features); row b appends
+  its first ``num_new_B[b]`` items (default: all K; the rest is padding and is ignored).  The
+  caller keeps ``length_B + num_new_B <= capacity`` (slots past the capacity are dropped).
+  Costs K positions per row: attention reads the cached keys/values.
+  """
+  cfg = model.cfg
+  item_BxK = jnp.asarray(new_batch["item_BxT"])
+  B, K = item_BxK.shape
+  if num_new_B is None:
+    num_new_B = jnp.full((B,), K, jnp.int32)
+  num_new_B = jnp.asarray(num_new_B, jnp.int32)
+  C = cache.capacity
+  position_BxK = cache.length_B[:, None] + jnp.arange(K, dtype=jnp.int32)[None, :]
+  valid_BxK = jnp.arange(K)[None, :] < num_new_B[:, None]
+  feats = model._feature_embeddings(new_batch)  # pylint: disable=protected-access
+  pos_BxKxD = None
+  if cfg.position == "learned":
+    pos_BxKxD = jnp.take(model.position_embedding[...],
+                         jnp.clip(position_BxK, 0, cfg.max_len - 1), axis=0)
+
+  def prepare(x):
+    if pos_BxKxD is not None:
+      x = x + pos_BxKxD
+    x = model.input_norm(x)
+    return jnp.where(valid_BxK[..., None], x, 0.0)
+
+  def run_stack(stack: Stack, x, s):
+    ks, vs = [], []
+    for i, block in enumerate(stack.blocks):
+      x, k_c, v_c = _block_append(block, x, position_BxK, valid_BxK,
+                                  cache.k_SxLxBxCxNxH[s, i], cache.v_SxLxBxCxNxH[s, i])
+      ks.append(k_c)
+      vs.append(v_c)
+    return stack.final_norm(x), ks, vs
+
+  if cfg.fusion == "early":
+    h_BxKxD, ks, vs = run_stack(model.stack, prepare(model._combine(feats)), 0)  # pylint: disable=protected-access
+    all_k, all_v = [ks], [vs]
+  else:
+    outs, all_k, all_v = [], [], []
+    for s, (stream, f) in enumerate(zip(model.streams, feats)):
+      o, ks, vs = run_stack(stream, prepare(f), s)
+      outs.append(o)
+      all_k.append(ks)
+      all_v.append(vs)
+    h_BxKxD = model._combine(outs)  # pylint: disable=protected-access
+  h_BxKxD = jnp.where(valid_BxK[..., None], h_BxKxD, 0.0).astype(jnp.float32)
+  new_k = jnp.stack([jnp.stack(ks) for ks in all_k]) if cfg.num_layers else cache.k_SxLxBxCxNxH
+  new_v = jnp.stack([jnp.stack(vs) for vs in all_v]) if cfg.num_layers else cache.v_SxLxBxCxNxH
+  write_BxK = jnp.where(valid_BxK, position_BxK, C)
+  h_BxCxD = cache.h_BxCxD.at[jnp.arange(B)[:, None], write_BxK].set(h_BxKxD, mode="drop")
+  return EncoderCache(new_k, new_v, h_BxCxD,
+                      jnp.minimum(cache.length_B + num_new_B, C).astype(jnp.int32))
+
+
+def cache_user_vector(cache: EncoderCache, pooling: str = "last") -> jax.Array:
+  """The pooled user vector ``[B, D]`` of the cached window (as :func:`pool` gives it)."""
+  return pool(cache.h_BxCxD, cache.valid_BxC().astype(jnp.int32), pooling)
