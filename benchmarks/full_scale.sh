@@ -109,8 +109,12 @@ esac
 # ---- run (on the accelerator machine) ---------------------------------------------------
 OUT=${OUT:-$ROOT/benchmarks/out/full_scale}
 mkdir -p "$OUT"
-WORK=${WORK:-/tmp/full_scale_work}
-export USERLLM_CACHE=${USERLLM_CACHE:-/tmp/userllm_cache} USERLLM_OFFLINE=1 PYTHONUNBUFFERED=1
+# The workdir and the cache live under the repo root, in a git-ignored folder: a warm device
+# machine keeps them between calls, so a second call of this script resumes the job (finished
+# methods are skipped, an interrupted one continues from its checkpoint) without re-joining
+# the weights.
+WORK=${WORK:-$ROOT/.full_scale/work}
+export USERLLM_CACHE=${USERLLM_CACHE:-$ROOT/.full_scale/cache} USERLLM_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$USERLLM_CACHE/downloads" "$WORK"
 ENV_TXT=$OUT/env.txt
 
@@ -141,7 +145,9 @@ $PY -c "import sys, jax, flax, optax, grain; print('python', sys.version.split()
   || { echo "imports failed" | tee -a "$ENV_TXT"; exit 1; }
 
 LLM_OVERRIDE=()
-if [ -f "$WTS/manifest.json" ]; then
+if [ -f "$USERLLM_CACHE/gemma3-270m/manifest.json" ] && [ "$GGUF_USE" = cache ]; then
+  echo "weights: the gemma3-270m cache of an earlier call is there ($USERLLM_CACHE)" | tee -a "$ENV_TXT"
+elif [ -f "$WTS/manifest.json" ]; then
   t0=$(date +%s)
   if [ "$GGUF_USE" = cache ]; then
     $PY benchmarks/gpu_weights.py join --src="$WTS" --out="$WORK/gguf" --build_cache 2>&1 | tee -a "$ENV_TXT" || exit 1
@@ -175,6 +181,9 @@ else
 fi
 tail -c 15000000 "$WORK/job.log" > "$OUT/job.log"
 [ -f "$WORK/results.json" ] && cp "$WORK/results.json" "$OUT/results.json"
+# Every finished method's results (the job writes WORKDIR/<method>/results.json as it goes):
+# what a run stopped by the time guard did finish.
+( cd "$WORK" && ls */results.json > /dev/null 2>&1 && tar czf "$OUT/methods.tgz" */results.json )
 n=0
 for png in "$WORK"/*.png; do
   [ -f "$png" ] || continue

@@ -36,12 +36,16 @@ def get_config(arg: str = ""):
   if arg == "full":
     # Histories up to 200 events: the encoder's positions must cover them.
     c.encoder.data.max_len = 200
-    c.methods = tuple(f"userllm_{m}_{s}" for m in ("xattn", "soft_prompt")
-                      for s in ("full", "enc", "lora", "proj")) + ("tp_lora",)
+    # The most informative first: a run stopped by a time limit keeps what finished, and a
+    # re-run in the same workdir continues (benchmarks/full_scale.sh).
+    c.methods = ("userllm_soft_prompt_enc", "userllm_xattn_enc", "tp_lora",
+                 "userllm_soft_prompt_lora", "userllm_xattn_lora", "userllm_soft_prompt_proj",
+                 "userllm_xattn_proj", "userllm_soft_prompt_full", "userllm_xattn_full")
     c.tasks.update(dict(window=200, history_lengths=(10, 25, 50, 100, 200),
                         num_test_users=200, stride=10, max_examples_per_user=8))
     c.tp.budget_tokens = 2048     # ~100 items of text: TP reads the newest ones that fit
-    c.train.update(dict(steps=500, batch_size=16, lr=2e-3, warmup_steps=30))
+    c.train.update(dict(steps=400, batch_size=16, lr=3e-3, warmup_steps=30, log_every=50))
+    c.eval.batch_size = 50
     c.llm.dtype = "bfloat16"
     return c
   # 2 CPU cores, under 20 minutes: the favourite genre with the soft prompt (next-item titles

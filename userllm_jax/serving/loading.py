@@ -3,21 +3,21 @@
 Everything that depends on how stage 2 is built and saved lives here, so a change of the
 stage-2 layout changes this module only; the engine takes in-memory objects.
 
-What :func:`load_parts` assumes about the workdir (today's ``jobs/userllm_job.py`` and
-``train/loop.py``, read 2026-11-30):
+What :func:`load_parts` assumes about the workdir (``jobs/userllm_job.py``, the stage-2
+package and ``train/loop.py``):
 
-* the data: ``jobs/encoder_job.prepare(stage1_config(config).data)`` re-opens the prepared
+* the data: ``jobs/encoder_job.prepare(config.encoder.data)`` re-opens the prepared
   dataset (the cache directory the job used; idempotent) -> the catalogue and the vocabularies;
 * stage 1: ``WORKDIR/stage1/checkpoints/<step>/state`` holds the pretrained encoder
   (``models/userllm.load_encoder_from_checkpoint`` finds its sub-tree);
-* the LLM: ``jobs/userllm_job.load_llm(config, catalog)`` (the pretrained Gemma, or the tiny
+* the LLM: ``stage2/llm.load_llm(config, catalog)`` (the pretrained Gemma, or the tiny
   random one for ``llm.name='tiny'``, with the same tokenizer the job trained with -- the
   tiny word tokenizer's corpus must match, so review texts are not added here);
 * stage 2: ``WORKDIR/<method>/checkpoints/<latest step>/state`` is an Orbax StandardSave of
   ``{'step', 'params', 'rest', 'opt_state'}`` where ``params`` is the pure dict of the
-  method's *trainable* parameters (``userllm_job.build_method``'s filter: encoder,
+  method's *trainable* parameters (``stage2/methods.build_method``'s filter: encoder,
   perceiver, projector and the cross-attention blocks under strategy 'enc') with the paths
-  of the model ``build_method``'s ``build_model`` returns; frozen parameters (the LLM) are not
+  of the model its ``build_model`` returns; frozen parameters (the LLM) are not
   saved and come from ``load_llm``.  ``params`` is restored without a target (one process,
   any device) and written into that model;
 * the text-prompt path serves ``WORKDIR/tp_lora`` (the LoRA Gemma) when its checkpoint
@@ -91,23 +91,23 @@ def load_parts(config, workdir: str, method: str = "userllm_xattn"):
   """``(UserLLM, tokenizer, catalog, tp_llm or None)`` of a trained main-job ``workdir``."""
   from userllm_jax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from userllm_jax.jobs import encoder_job  # pylint: disable=g-import-not-at-top
-  from userllm_jax.jobs import userllm_job  # pylint: disable=g-import-not-at-top
   from userllm_jax.models import userllm as ul  # pylint: disable=g-import-not-at-top
+  from userllm_jax.stage2 import llm as llm_lib  # pylint: disable=g-import-not-at-top
+  from userllm_jax.stage2 import methods as methods_lib  # pylint: disable=g-import-not-at-top
 
   if not method.startswith("userllm_"):
     raise ValueError(f"load_parts: method must be userllm_xattn | userllm_soft_prompt, got "
                      f"{method!r}")
   workdir = os.path.abspath(workdir)
-  s1 = userllm_job.stage1_config(config)
-  prepared = encoder_job.prepare(s1.data)
-  catalog = tasks_lib.Catalog.from_dataset(prepared, domain=config.data.domain)
-  ecfg = encoder_job.encoder_config(s1, prepared)
+  prepared = encoder_job.prepare(config.encoder.data)
+  catalog = tasks_lib.Catalog.from_dataset(prepared, domain=config.encoder.data.domain)
+  ecfg = encoder_job.encoder_config(config.encoder, prepared)
   s1_dir = os.path.join(workdir, "stage1", "checkpoints")
   encoder = ul.load_encoder_from_checkpoint(s1_dir, ecfg)
-  gemma, tok = userllm_job.load_llm(config, catalog)
-  build_model, trainable, *_ = userllm_job.build_method(config, method, encoder, ecfg, gemma,
-                                                        tok, catalog)
-  model = build_model(nnx.Rngs(int(config.seed)))
+  gemma, tok = llm_lib.load_llm(config, catalog)
+  spec = methods_lib.build_method(config, method, encoder=encoder, gemma=gemma, tokenizer=tok,
+                                  catalog=catalog)
+  model, trainable = spec.build_model(nnx.Rngs(int(config.seed))), spec.trainable
   state_dir = _latest_state_dir(os.path.join(workdir, method, "checkpoints"))
   if state_dir is None:
     raise FileNotFoundError(f"load_parts: no stage-2 checkpoint under "
@@ -118,10 +118,10 @@ def load_parts(config, workdir: str, method: str = "userllm_xattn"):
   tp_llm = None
   tp_dir = _latest_state_dir(os.path.join(workdir, "tp_lora", "checkpoints"))
   if tp_dir is not None:
-    build_tp, tp_trainable, *_ = userllm_job.build_method(config, "tp_lora", encoder, ecfg,
-                                                          gemma, tok, catalog)
-    tp_llm = build_tp(nnx.Rngs(int(config.seed)))
-    _write_pure(tp_llm, tp_trainable, _restore_params(tp_dir), tp_dir)
+    tp_spec = methods_lib.build_method(config, "tp_lora", encoder=encoder, gemma=gemma,
+                                       tokenizer=tok, catalog=catalog)
+    tp_llm = tp_spec.build_model(nnx.Rngs(int(config.seed)))
+    _write_pure(tp_llm, tp_spec.trainable, _restore_params(tp_dir), tp_dir)
     logging.info("text-prompt path: tp_lora from %s", tp_dir)
   return model, tok, catalog, tp_llm
 
