@@ -162,19 +162,29 @@ def test_trie_argument_errors(con):
 CANDS = [[5, 6, EOS], [5, 7, EOS], [9, EOS], [12, 13, 14, EOS], [5, EOS]]
 
 
+FULL_LEN = 16
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _full(graphdef, state, tokens, prefix=None, media=None):
+  return nnx.merge(graphdef, state)(tokens, prefix_embeds_BxPxD=prefix, media_BxMxD=media)
+
+
 def _brute(m, prompts, cands, normalize, prefix=None, media=None):
-  """Loop over (prompt, candidate): one full forward each, no cache, no padding."""
+  """Loop over (prompt, candidate): one full forward each (jitted, no cache, no padding
+  masks; right-filled to FULL_LEN with token 0, which causal attention keeps out of the
+  earlier rows), in float64 on the host from there."""
   union = sorted({t for cc in cands for t in cc})
+  graphdef, state = nnx.split(m)
   out = np.zeros((len(prompts), len(cands)))
   for b, p in enumerate(prompts):
     for ci, cand in enumerate(cands):
-      seq = jnp.asarray([list(p) + list(cand)], jnp.int32)
-      kw = {}
-      if prefix is not None:
-        kw["prefix_embeds_BxPxD"] = jnp.asarray(prefix[b:b + 1])
-      if media is not None:
-        kw["media_BxMxD"] = jnp.asarray(media[b:b + 1])
-      logits = np.asarray(m(seq, **kw), np.float64)[0]
+      seq = np.zeros((1, FULL_LEN), np.int32)
+      seq[0, :len(p) + len(cand)] = list(p) + list(cand)
+      logits = np.asarray(_full(
+          graphdef, state, jnp.asarray(seq),
+          None if prefix is None else jnp.asarray(prefix[b:b + 1]),
+          None if media is None else jnp.asarray(media[b:b + 1])), np.float64)[0]
       total = 0.0
       for t, tok in enumerate(cand):
         row = logits[len(p) - 1 + t]
@@ -208,9 +218,12 @@ def test_score_candidates_with_soft_prompt_and_media():
   got = score_candidates(m, PROMPTS, CANDS, prefix_embeds_BxPxD=prefix, media_BxMxD=media)
   want = _brute(m, PROMPTS, CANDS, "union", prefix=prefix, media=media)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-  # the conditioning matters (else this test would not test it)
-  plain = score_candidates(m, PROMPTS, CANDS, media_BxMxD=np.zeros_like(media))
-  assert np.abs(plain - got).max() > 1e-2
+  # each conditioning input matters (else this test would not test it); float error ~1e-6
+  no_media = score_candidates(m, PROMPTS, CANDS, prefix_embeds_BxPxD=prefix,
+                              media_BxMxD=np.zeros_like(media))
+  no_prefix = score_candidates(m, PROMPTS, CANDS, media_BxMxD=media)
+  assert np.abs(no_media - got).max() > 1e-3
+  assert np.abs(no_prefix - got).max() > 1e-3
 
 
 def test_trie_scores_equal_constrained_beam_logprobs():

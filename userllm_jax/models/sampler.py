@@ -272,15 +272,22 @@ def _generate_jit(graphdef, state, cache, logits, media, mmask, trie, rng, tempe
   return out, lengths, jnp.where(keep, logp_out, 0.0), done
 
 
-def _gather_beams(tree, idx_BxK, K_src: int):
-  """Reorders the batch (b * K_src + k) axis of every cache leaf by parent beam indices."""
+def _gather_beams(tree, idx_BxK, K_src: int, start: int = 0):
+  """Reorders the batch (b * K_src + k) axis of every cache leaf by parent beam indices.
+
+  Slots before ``start`` (the prefilled prompt, identical across the beams of one example)
+  are left in place: only the generated region ``[start, S)`` is gathered.
+  """
   B, K = idx_BxK.shape
   flat = (jnp.arange(B)[:, None] * K_src + idx_BxK).reshape(-1)
 
   def g(x):
     if x.ndim == 0:
       return x
-    return jnp.take(x, flat, axis=0)
+    if start == 0:
+      return jnp.take(x, flat, axis=0)
+    return jax.lax.dynamic_update_slice_in_dim(x, jnp.take(x[:, start:], flat, axis=0), start,
+                                               axis=1)
   return jax.tree.map(g, tree)
 
 
@@ -296,6 +303,7 @@ def _beam_jit(graphdef, state, cache, logits, media, mmask, trie, *, num_beams, 
   vocab_ids = _vocab_ids(trie, restrict)
   to_real = (lambda t: t) if vocab_ids is None else (lambda t: vocab_ids[t])
   rep = lambda x: None if x is None else jnp.repeat(x, K, axis=0)
+  prompt_slots = cache["pos"].shape[1] - N   # prefix + prompt: the same in every beam
   cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, K, axis=0), cache)
   logits = jnp.repeat(logits, K, axis=0)
   media_k, mmask_k = rep(media), rep(mmask)
@@ -350,7 +358,7 @@ def _beam_jit(graphdef, state, cache, logits, media, mmask, trie, *, num_beams, 
       flat = (jnp.arange(B)[:, None] * K + alive_parent).reshape(-1)
       node = trie.advance(node[flat], jnp.take_along_axis(loc, asel, axis=1).reshape(-1),
                           restrict)
-    cache = _gather_beams(cache, alive_parent, K)
+    cache = _gather_beams(cache, alive_parent, K, start=prompt_slots)
     new_logits, cache = model(last, media_BxMxD=media_k, media_mask_BxM=mmask_k, cache=cache,
                               logits_vocab_ids=vocab_ids)
     return (step + 1, cache, new_logits[:, 0].astype(jnp.float32), alive_tok, alive_raw,
