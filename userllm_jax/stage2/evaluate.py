@@ -174,10 +174,7 @@ def _prefill_gflops(tm: methods_lib.TrainedMethod, batch1: dict) -> float:
     return spec.llm(model)(batch["prompt_tokens_BxP"], input_mask_BxL=mask,
                            logits_positions=lp, **kw)
 
-  cost = jax.jit(prefill).lower(state, batch1).cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", float("nan"))) / 1e9
+  return methods_lib.lowered_flops(jax.jit(prefill).lower(state, batch1)) / 1e9
 
 
 def _with_ci(out: dict, name: str, hits: Sequence[float], confidence: float,

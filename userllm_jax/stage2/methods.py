@@ -224,6 +224,18 @@ def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequenc
   return TrainedMethod(spec, res.model, info)
 
 
+def lowered_flops(lowered) -> float:
+  """FLOPs from XLA's cost analysis of a lowered computation; backends without an HLO-level
+  analysis (GPU) give none, and then the compiled computation's is used."""
+  for get in (lambda: lowered.cost_analysis(), lambda: lowered.compile().cost_analysis()):
+    cost = get()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    if cost and cost.get("flops", 0) > 0:
+      return float(cost["flops"])
+  return float("nan")
+
+
 def train_step_flops(spec: MethodSpec, batch: dict, *, max_target_tokens: int,
                      vocab_ids: Optional[np.ndarray]) -> float:
   """FLOPs of one training step (loss + gradient of the trained params) on ``batch``.
@@ -243,10 +255,7 @@ def train_step_flops(spec: MethodSpec, batch: dict, *, max_target_tokens: int,
 
   abs_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                            batch)
-  cost = jax.jit(step).lower(params, rest, abs_batch).cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  flops = float((cost or {}).get("flops", float("nan")))
+  flops = lowered_flops(jax.jit(step).lower(params, rest, abs_batch))
   if not np.isfinite(flops) or flops <= 0:
     raise RuntimeError(f"train_step_flops({spec.name}): XLA gave no FLOP count ({cost})")
   return flops
