@@ -36,7 +36,7 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from etils import epath
 
@@ -154,7 +154,8 @@ def make_temp_dir(near: PathLike, prefix: str = "") -> pathlib.Path:
   return tmp
 
 
-def replace_dir(src: PathLike, dst: PathLike, *, marker: Optional[str] = None) -> None:
+def replace_dir(src: PathLike, dst: PathLike, *, marker: Optional[str] = None,
+                accept_existing: Optional[Callable[[epath.Path], bool]] = None) -> None:
   """Moves the finished local directory ``src`` to ``dst``, replacing any old ``dst``.
 
   Local ``dst``: ``dst`` is renamed aside and ``src`` renamed into place (a reader sees the
@@ -162,6 +163,9 @@ def replace_dir(src: PathLike, dst: PathLike, *, marker: Optional[str] = None) -
   ``.old`` sibling, never a mixed tree). Remote ``dst``: the old tree is deleted and ``src``
   uploaded file by file with ``marker`` (a file name relative to ``src``) uploaded last,
   so readers that require the marker never open a partial upload. ``src`` is consumed.
+
+  Two local builders racing: the loser's final rename fails (``dst`` reappeared); when
+  ``accept_existing(dst)`` says the winner's tree is valid, the loser's copy is dropped.
   """
   src_p = local_path(src)
   if not src_p.is_dir():
@@ -180,12 +184,24 @@ def replace_dir(src: PathLike, dst: PathLike, *, marker: Optional[str] = None) -
     if not target.is_dir():
       raise FileExistsError(f"{target}: exists and is not a directory")
     trash = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-    os.replace(target, trash / "old")
-    os.replace(src_p, target)
+    try:
+      os.replace(target, trash / "old")
+    except FileNotFoundError:
+      pass                                  # another builder moved it first
+    _rename_into_place(src_p, target, accept_existing)
     shutil.rmtree(trash, ignore_errors=True)
   else:
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(src_p, target)
+    _rename_into_place(src_p, target, accept_existing)
+
+
+def _rename_into_place(src: pathlib.Path, target: pathlib.Path, accept_existing) -> None:
+  try:
+    os.replace(src, target)
+  except OSError:
+    if accept_existing is None or not accept_existing(path(target)):
+      raise
+    shutil.rmtree(src, ignore_errors=True)
 
 
 def upload_tree(src: PathLike, dst: PathLike, *, marker: Optional[str] = None) -> None:
