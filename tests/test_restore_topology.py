@@ -35,7 +35,7 @@ def _spawn(devices, args):
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(proc, timeout=300):
+def _wait(proc, timeout=900):
   try:
     out, _ = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
