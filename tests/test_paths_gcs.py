@@ -15,6 +15,7 @@ through ``STORAGE_EMULATOR_HOST``, TensorStore (Orbax's array writer) through
   second run resumes from that checkpoint.
 """
 
+import importlib.util
 import json
 import logging
 import os
@@ -27,14 +28,16 @@ import numpy as np
 import portpicker
 import pytest
 
-pytest.importorskip("gcsfs")
+if importlib.util.find_spec("gcsfs") is None:
+  pytest.skip("gcsfs not installed (pip install .[test])", allow_module_level=True)
 emulator_server = pytest.importorskip("gcp_storage_emulator.server")
 
 from userllm_jax import paths  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BUCKET = "userllm-test"
-_ENV = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+_ENV = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+        "FSSPEC_GCS_TOKEN", "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +156,8 @@ def _synthetic_config_file(tmp_path: pathlib.Path) -> pathlib.Path:
   return cfg
 
 
-def _main(cfg, workdir, endpoint, *overrides):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+def _main(cfg, workdir, endpoint, cache, *overrides):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), USERLLM_CACHE=str(cache))
   for k in _ENV:
     env[k] = os.environ[k]
   assert env["STORAGE_EMULATOR_HOST"] == endpoint
@@ -168,7 +171,7 @@ def _main(cfg, workdir, endpoint, *overrides):
 def test_encoder_job_with_gcs_workdir(gcs, tmp_path):
   cfg = _synthetic_config_file(tmp_path)
   workdir = f"gs://{BUCKET}/encoder"
-  _main(cfg, workdir, gcs)
+  _main(cfg, workdir, gcs, tmp_path / "cache")
   wd = paths.path(workdir)
   results = json.loads((wd / "results.json").read_text())
   assert results["train"]["steps"] == 6 and results["train"]["resumed_from"] == 0
@@ -182,6 +185,6 @@ def test_encoder_job_with_gcs_workdir(gcs, tmp_path):
   assert (paths.path(f"gs://{BUCKET}/prepared/synthetic") / "metadata.json").exists()
 
   # A second run with more steps resumes from the checkpoint in the bucket.
-  _main(cfg, workdir, gcs, "--config.train.steps=9")
+  _main(cfg, workdir, gcs, tmp_path / "cache", "--config.train.steps=9")
   results = json.loads((wd / "results.json").read_text())
   assert results["train"]["steps"] == 9 and results["train"]["resumed_from"] == 6

@@ -24,7 +24,9 @@ coordinate their own checkpoint writes.
 Emulators: the gs:// backend honours ``STORAGE_EMULATOR_HOST`` (gcsfs and
 google-cloud-storage); TensorStore (Orbax's array writer) reads
 ``TENSORSTORE_GCS_HTTP_URL`` and, without credentials, ``GOOGLE_AUTH_TOKEN_FOR_TESTING``.
-:func:`use_gcs_emulator` sets all three (tests/test_paths_gcs.py uses it).
+:func:`use_gcs_emulator` sets these (and the few switches that keep the clients from
+probing for cloud credentials); call it before gcsfs is imported. tests/test_paths_gcs.py
+uses it.
 """
 
 from __future__ import annotations
@@ -216,16 +218,23 @@ def upload_tree(src: PathLike, dst: PathLike, *, marker: Optional[str] = None) -
     out.write_bytes(f.read_bytes())
 
 
+def _files_under(root: epath.Path, rel: str = "") -> Iterator[tuple[str, epath.Path]]:
+  # iterdir, not walk(): epath's walk() on gcsfs yields dirpaths without the gs:// scheme.
+  for child in root.iterdir():
+    name = f"{rel}/{child.name}" if rel else child.name
+    if child.is_dir():
+      yield from _files_under(child, name)
+    else:
+      yield name, child
+
+
 def download_tree(src: PathLike, dst: PathLike) -> pathlib.Path:
   """Copies the tree ``src`` (any store) to the local directory ``dst``; returns ``dst``."""
-  root = path(src)
   out = local_path(dst)
-  for dirpath, _, filenames in root.walk():
-    rel = os.path.relpath(os.fspath(dirpath), os.fspath(root)) if dirpath != root else "."
-    for name in filenames:
-      f = out / rel / name
-      f.parent.mkdir(parents=True, exist_ok=True)
-      f.write_bytes((epath.Path(dirpath) / name).read_bytes())
+  for rel, f in _files_under(path(src)):
+    target = out / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(f.read_bytes())
   return out
 
 
@@ -255,3 +264,10 @@ def use_gcs_emulator(endpoint: str) -> None:
   os.environ["STORAGE_EMULATOR_HOST"] = endpoint
   os.environ["TENSORSTORE_GCS_HTTP_URL"] = endpoint
   os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+  # No credentials exist or are needed: gcsfs anonymous (fsspec reads FSSPEC_<PROTO>_<KWARG>),
+  # and google-auth must not probe the (absent) GCE metadata server, which takes seconds.
+  os.environ.setdefault("FSSPEC_GCS_TOKEN", "anon")
+  os.environ.setdefault("NO_GCE_CHECK", "true")
+  # gcsfs >= 2026 probes each bucket's type (zonal / hierarchical) over the gRPC control
+  # plane, which emulators lack; read when gcsfs is imported, so set this before that.
+  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")

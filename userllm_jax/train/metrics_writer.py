@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from typing import Mapping, Optional
 
 import jax
@@ -45,7 +46,9 @@ class MetricsWriter:
     self._workdir = paths.makedirs(workdir)
     if self._remote:
       self._stage = tempfile.mkdtemp(prefix="userllm-tb-")
-      self._tb = SummaryWriter(self._stage)
+      # Event file names hold the second and the host only: a suffix keeps a restarted
+      # run's file from overwriting the previous one's in the bucket.
+      self._tb = SummaryWriter(self._stage, filename_suffix=f".{uuid.uuid4().hex[:8]}")
       old = self._workdir / "metrics.jsonl"
       self._lines = [old.read_text(encoding="utf-8")] if old.exists() else []
     else:
