@@ -95,7 +95,10 @@ def from_saveable(restored, abstract_state):
   """Inverse of :func:`to_saveable`, guided by the abstract (typed) target."""
   def conv(x, a):
     if _is_key(a):
-      return jax.random.wrap_key_data(x, impl=jax.random.key_impl(a))
+      # key_impl() takes arrays only; an abstract target carries the impl in its dtype.
+      impl = (jax.random.key_impl(a) if isinstance(a, jax.Array)
+              else a.dtype._impl)  # pylint: disable=protected-access
+      return jax.random.wrap_key_data(x, impl=impl)
     return x
   return jax.tree.map(conv, restored, abstract_state)
 
