@@ -168,6 +168,7 @@ def _main(cfg, workdir, endpoint, cache, *overrides):
   return proc
 
 
+@pytest.mark.slow   # not yet seen passing: timed out (600 s) on a 2-core machine at load ~20
 def test_encoder_job_with_gcs_workdir(gcs, tmp_path):
   cfg = _synthetic_config_file(tmp_path)
   workdir = f"gs://{BUCKET}/encoder"
