@@ -7,6 +7,13 @@ kill-and-restart runs::
 
     python tests/_train_worker.py --workdir=W --out=W/out.json [--mesh=2,4,1]
         [--num_processes=2 --process_id=0 --port=P] [--sigterm_at=K] [--kill_at=K]
+        [--data=strided --dump=PREFIX]
+
+``--data=strided`` feeds :func:`make_strided_iterator` (process i of N reads global
+examples i, i+N, ... -- the layout whose position survives a change of process count)
+and ``--dump=PREFIX`` writes, per process, its shards of the final params
+(``PREFIX.p{i}.params.npz``, see :func:`load_dumped_params`) and the ids of the next
+batch after training (``PREFIX.p{i}.json``).
 """
 
 from __future__ import annotations
@@ -87,6 +94,46 @@ def make_iterator(global_size: int, *, shard_index: int = 0, shard_count: int = 
   return iter(grain.MapDataset.range(num_steps).map(make).to_iter_dataset())
 
 
+def example(e: int) -> dict:
+  """Global example ``e`` of the strided data (a learnable token pattern, like global_batch)."""
+  rng = np.random.default_rng([7, int(e)])
+  start, stride = rng.integers(0, VOCAB), rng.integers(1, 4)
+  tokens = (start + stride * np.arange(SEQ)) % VOCAB
+  return {"tokens": tokens.astype(np.int32), "weight": np.float32(1.0),
+          "id": np.int32(e)}
+
+
+def make_strided_iterator(global_size: int, *, shard_index: int = 0, shard_count: int = 1,
+                          seed: int = 0):
+  """Process ``shard_index``'s batches of a shuffled global order of examples, strided over
+  processes and declared ``"strided"`` for the checkpointer (see train/checkpoint.py)."""
+  from userllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  ds = grain.MapDataset.range(1 << 20).shuffle(seed=seed)[shard_index::shard_count]
+  it = iter(ds.map(example).to_iter_dataset().batch(global_size // shard_count))
+  return ckpt_lib.set_shard_layout(it, ckpt_lib.STRIDED)
+
+
+def global_order(n: int, seed: int = 0) -> list[int]:
+  """The first ``n`` example ids of the strided data's global order."""
+  ds = grain.MapDataset.range(1 << 20).shuffle(seed=seed)
+  return [int(ds[i]) for i in range(n)]
+
+
+def load_dumped_params(prefix: str, num_processes: int) -> dict:
+  """The full params from the per-process shard files of ``--dump=prefix``."""
+  out = {}
+  for i in range(num_processes):
+    with np.load(f"{prefix}.p{i}.params.npz") as z:
+      for key in z.files:
+        name, where = key.rsplit("|", 1)
+        if where == "shape":
+          continue
+        if name not in out:
+          out[name] = np.full(tuple(z[f"{name}|shape"]), np.nan, np.float32)
+        out[name][tuple(slice(a, b) for a, b in json.loads(where))] = z[key]
+  return out
+
+
 def make_config(**train_overrides) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
@@ -117,6 +164,8 @@ def main(argv=None):
   ap.add_argument("--port", type=int, default=0)
   ap.add_argument("--sigterm_at", type=int, default=-1)
   ap.add_argument("--kill_at", type=int, default=-1)
+  ap.add_argument("--data", default="blocks", choices=["blocks", "strided"])
+  ap.add_argument("--dump", default="")
   args = ap.parse_args(argv)
 
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -136,10 +185,23 @@ def main(argv=None):
       ctx.checkpointer.wait()        # a committed checkpoint exists before the kill
       os.kill(os.getpid(), 9)
 
-  it = make_iterator(args.batch, shard_index=jax.process_index(),
-                     shard_count=jax.process_count())
+  make = make_strided_iterator if args.data == "strided" else make_iterator
+  it = make(args.batch, shard_index=jax.process_index(), shard_count=jax.process_count())
   result = loop.run_training(cfg, args.workdir, build_model=build_model, loss_fn=tiny_loss,
                              train_iter=it, step_hook=hook)
+  if args.dump:
+    # Each process writes its own shards (no collective: nothing to time out under load).
+    shards = {}
+    for p, x in jax.tree_util.tree_flatten_with_path(result.state["params"])[0]:
+      name = jax.tree_util.keystr(p)
+      shards[f"{name}|shape"] = np.asarray(x.shape)
+      for sh in x.addressable_shards:
+        bounds = [(s.start or 0, x.shape[d] if s.stop is None else s.stop)
+                  for d, s in enumerate(sh.index)]
+        shards[f"{name}|{json.dumps(bounds)}"] = np.asarray(sh.data)
+    np.savez(f"{args.dump}.p{jax.process_index()}.params.npz", **shards)
+    with open(f"{args.dump}.p{jax.process_index()}.json", "w") as f:
+      json.dump({"next_ids": [int(i) for i in next(it)["id"]]}, f)
   specs = {jax.tree_util.keystr(p): str(x.sharding.spec)
            for p, x in jax.tree_util.tree_flatten_with_path(result.state["params"])[0]}
   if jax.process_index() == 0:

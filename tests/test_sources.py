@@ -627,11 +627,11 @@ def test_csv_field_over_size_limit_is_a_bad_row(tmp_path):
   write(d / "movies.csv", f'movieId,title,genres\n1,"{huge}",Drama\n'
         '2,"Fine, Title",Drama\n')
   write(d / "ratings.csv", "userId,movieId,rating,timestamp\n"
-        f'1,"{huge}",3,4\n1,1,3,5\n1,2,4,6\n')
+        f'1,"{huge}",3,900000004\n1,1,3,900000005\n1,2,4,900000006\n')
   report = ReadReport()
   rows = list(sources.read_ml_csv(d, report=report))
-  assert rows == [I("1", "1", 5, 3.0, None, ()),
-                  I("1", "2", 6, 4.0, "Fine, Title", ("Drama",))]
+  assert rows == [I("1", "1", 900000005, 3.0, None, ()),
+                  I("1", "2", 900000006, 4.0, "Fine, Title", ("Drama",))]
   assert report.by_reason == {"bad_csv": 2}
   assert report.examples[0].startswith(f"{d / 'movies.csv'}:2: unparsable")
   assert report.examples[1].startswith(f"{d / 'ratings.csv'}:2: unparsable")
@@ -644,3 +644,33 @@ def test_tfds_unprepared_dataset_is_a_clear_error(tmp_path):
                      r"movielens/100k-ratings --file_format=array_record"):
     sources.read_dataset("tfds:movielens/100k-ratings", str(tmp_path),
                          report=ReadReport())
+
+
+@pytest.mark.parametrize("reader", ["ml100k", "recbole"])
+def test_fast_paths_check_rating_and_timestamp(tmp_path, reader):
+  """Ratings -5, 200, 1e9 and numbers spelled 1_000 are bad rows with file:line on the
+  fast paths too (as in _io.parse_rating); MovieLens also rejects pre-1995 timestamps."""
+  d = tmp_path / reader
+  d.mkdir()
+  good = ["1\t10\t3\t881250949", "2\t11\t4.5\t881250950"]
+  bad = ["3\t12\t-5\t881250951", "4\t13\t200\t881250952", "5\t14\t1e9\t881250953",
+         "6\t15\t4\t881_250_954", "7\t16\t1_0\t881250955"]
+  if reader == "ml100k":
+    bad.append("8\t17\t4\t1000")
+    write(d / "u.genre", "unknown|0\n")
+    write(d / "u.item", "".join(f"{i}|T{i}|||u|0\n" for i in range(10, 18)))
+    write(d / "u.data", "\n".join(good + bad) + "\n")
+    read = lambda rep: sources.read_ml100k(d, report=rep)
+    data, offset = d / "u.data", 1
+  else:
+    write(d / "x.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+          + "\n".join(good + bad) + "\n")
+    read = lambda rep: sources.read_recbole(d, report=rep)
+    data, offset = d / "x.inter", 2
+  report = ReadReport()
+  rows = list(read(report))
+  assert [(r.user, r.rating, r.timestamp) for r in rows] == [
+      ("1", 3.0, 881250949), ("2", 4.5, 881250950)]
+  assert report.rows_bad == len(bad), report.summary()
+  assert [e.split(": ")[0] for e in report.examples] == [
+      f"{data}:{i + len(good) + offset}" for i in range(len(bad))][:len(report.examples)]

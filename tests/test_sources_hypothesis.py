@@ -4,7 +4,10 @@ For every text reader (each interaction file and each item/metadata file) a
 small clean dataset is written, hypothesis corrupts a random subset of the
 target file's data lines with corruptions that can never be a valid row
 (a dropped or extra field, a truncated line, non-numeric numbers, empty or
-mistyped ids, invalid UTF-8, broken JSON, missing required keys), and:
+mistyped ids, invalid UTF-8, broken JSON, missing required keys, and numeric
+corruptions that ``float()``/``int()`` would take: ratings out of [0, 100] such as
+-5, 200 or 1e9, numbers spelled ``1_000`` or with non-ASCII digits, and for
+MovieLens a timestamp before 1995 such as 1000), and:
 
 * lenient mode: every corrupted line is one counted bad row with its
   ``file:line``; every yielded row equals the row the clean file gives (for a
@@ -71,6 +74,8 @@ class Target:
   lists: tuple = ()                 # list-of-string keys (JSON)
   key_groups: tuple = ()            # JSON: deleting a group -> bad row
   timestamp: Optional[int] = None   # delimited: the timestamp column
+  rating: Optional[Any] = None      # the rating column / key (range [0, 100])
+  ts_floor: bool = False            # MovieLens: timestamps before 1995 are bad
 
   def render(self, rec) -> str:
     if self.family == "delim":
@@ -122,7 +127,7 @@ def _ml100k_targets():
   return [
       Target("ml100k/u.data", "delim", "u.data", ML100K_DATA, [], "latin-1",
              {"u.item": items, "u.genre": ML100K_GENRE}, read, sep="\t",
-             numeric=(2, 3), ids=(0, 1), timestamp=3),
+             numeric=(2, 3), ids=(0, 1), timestamp=3, rating=2, ts_floor=True),
       Target("ml100k/u.item", "delim", "u.item", ML100K_ITEM, [], "latin-1",
              {"u.data": data, "u.genre": ML100K_GENRE}, read,
              item_of=lambda r: r[0], sep="|", ids=(0,),
@@ -148,7 +153,7 @@ def _ml1m_targets():
   return [
       Target("ml1m/ratings.dat", "delim", "ratings.dat", ML1M_DATA, [],
              "latin-1", {"movies.dat": items}, read, sep="::",
-             numeric=(2, 3), ids=(0, 1), timestamp=3),
+             numeric=(2, 3), ids=(0, 1), timestamp=3, rating=2, ts_floor=True),
       Target("ml1m/movies.dat", "delim", "movies.dat", ML1M_ITEM, [],
              "latin-1", {"ratings.dat": data}, read, item_of=lambda r: r[0],
              sep="::", ids=(0,)),
@@ -182,7 +187,7 @@ def _mlcsv_targets():
       Target("mlcsv/ratings.csv", "csv", "ratings.csv", MLCSV_DATA,
              ["userId,movieId,rating,timestamp"], "utf-8",
              {"movies.csv": items}, read, sep=",", numeric=(2, 3),
-             ids=(0, 1), timestamp=3),
+             ids=(0, 1), timestamp=3, rating=2, ts_floor=True),
       Target("mlcsv/movies.csv", "csv", "movies.csv", MLCSV_ITEM,
              ["movieId,title,genres"], "utf-8", {"ratings.csv": data}, read,
              item_of=lambda r: r[0], sep=",", ids=(0,)),
@@ -207,7 +212,7 @@ def _recbole_targets():
   return [
       Target("recbole/.inter", "delim", "x.inter", RB_DATA,
              [RB_INTER_HEADER], "utf-8", {"x.item": items}, read, sep="\t",
-             numeric=(2, 3), ids=(0, 1), timestamp=3),
+             numeric=(2, 3), ids=(0, 1), timestamp=3, rating=2),
       Target("recbole/.item", "delim", "x.item", RB_ITEM, [RB_ITEM_HEADER],
              "utf-8", {"x.inter": data}, read, item_of=lambda r: r[0],
              sep="\t", ids=(0,)),
@@ -267,7 +272,7 @@ def _amazon_targets():
                   for m in meta]
     targets.append(Target(
         f"amazon{version}/reviews", "json", rname, reviews, [], "utf-8",
-        {mname: _enc(meta_lines)}, read, numeric=numeric, ids=ids,
+        {mname: _enc(meta_lines)}, read, numeric=numeric, ids=ids, rating=numeric[0],
         texts=texts, key_groups=groups))
     targets.append(Target(
         f"amazon{version}/meta", meta_family, mname, meta, [], "utf-8",
@@ -289,7 +294,7 @@ def _google_targets():
   return [
       Target("google/review", "json", "review-Alaska.json", reviews, [],
              "utf-8", {"meta-Alaska.json": _enc(json.dumps(m) for m in meta)},
-             read, numeric=("rating", "time"), ids=("user_id", "gmap_id"),
+             read, numeric=("rating", "time"), ids=("user_id", "gmap_id"), rating="rating",
              texts=("text",), key_groups=(("user_id",), ("gmap_id",),
                                           ("rating",), ("time",))),
       Target("google/meta", "json", "meta-Alaska.json", meta, [], "utf-8",
@@ -319,6 +324,8 @@ def corrupt_delimited(draw, t: Target, rec: list) -> bytes:
     kinds.append("bad_utf8")
   if t.timestamp is not None:
     kinds.append("ts_overflow")
+  if t.rating is not None or t.timestamp is not None:
+    kinds.append("bad_value")
   kind = draw(st.sampled_from(kinds))
   rec = list(rec)
   if kind == "drop":
@@ -331,6 +338,16 @@ def corrupt_delimited(draw, t: Target, rec: list) -> bytes:
   elif kind == "ts_overflow":  # Outside int64, or too long for int().
     rec[t.timestamp] = draw(st.sampled_from(
         [str(2**63), "-" + "9" * 25, "1" * 5000, "1e300"]))
+  elif kind == "bad_value":
+    choices = []
+    if t.rating is not None:
+      choices += [(t.rating, v) for v in _BAD_RATINGS]
+    if t.timestamp is not None:
+      choices += [(t.timestamp, v) for v in _BAD_TIMESTAMPS
+                  + (_EARLY_TIMESTAMPS if t.ts_floor else [])]
+    pos, value = draw(st.sampled_from(
+        [(p, v) for p, v in choices if _encodable(v, t.encoding)]))
+    rec[pos] = value
   elif kind == "non_numeric":
     pos = draw(st.sampled_from(t.numeric))
     if pos == "flags":  # u.item genre flags must be 0 or 1.
@@ -355,6 +372,23 @@ def corrupt_delimited(draw, t: Target, rec: list) -> bytes:
   return data
 
 
+_BAD_RATINGS = ["-5", "200", "1e9", "-0.5", "100.5", "1_0", "\u0663", "nan", "-inf"]
+_BAD_TIMESTAMPS = ["881_250_949", "\uff18\uff18\uff11\uff12\uff15\uff10\uff19\uff14\uff19",
+                   "\u0668\u0668\u0661\u0662\u0665\u0660\u0669\u0664\u0669"]
+
+
+def _encodable(text: str, encoding: str) -> bool:
+  try:
+    text.encode(encoding)
+    return True
+  except UnicodeEncodeError:
+    return False
+
+
+_EARLY_TIMESTAMPS = ["1000", "0", "-881250949", "788918399"]
+# JSON readers: out-of-range ratings as numbers and as strings.
+_BAD_JSON_RATINGS = st.sampled_from([-5, 200, 1e9, -0.5, "-5", "200", "1e9", "1_0"])
+
 _NON_ID = st.sampled_from([None, "", "   ", 1.5, [], {}, True])
 _NON_NUMBER = st.one_of(st.sampled_from([None, True, [], {"a": 1}, "NaN",
                                          "inf", "-1e400", 10**400,
@@ -369,6 +403,8 @@ def corrupt_json(draw, t: Target, rec: dict) -> bytes:
            "bad_utf8"]
   if t.numeric:
     kinds.append("bad_number")
+  if t.rating is not None:
+    kinds.append("bad_rating")
   if [k for k in t.texts if k in rec]:
     kinds.append("bad_text")
   if t.lists:
@@ -382,6 +418,8 @@ def corrupt_json(draw, t: Target, rec: dict) -> bytes:
     rec[draw(st.sampled_from(t.ids))] = draw(_NON_ID)
   elif kind == "bad_number":
     rec[draw(st.sampled_from(t.numeric))] = draw(_NON_NUMBER)
+  elif kind == "bad_rating":
+    rec[t.rating] = draw(_BAD_JSON_RATINGS)
   elif kind == "bad_text":
     rec[draw(st.sampled_from([k for k in t.texts if k in rec]))] = draw(
         _NON_TEXT)

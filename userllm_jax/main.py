@@ -16,13 +16,13 @@ a device.  Nothing else lives here.
 from __future__ import annotations
 
 import importlib
-import os
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from userllm_jax import paths
 from userllm_jax.jobs import JOBS
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -64,7 +64,7 @@ def main(argv):
           num_processes=_NUM_PROCESSES.value,
           process_id=_PROCESS_ID.value)
 
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)      # a local directory or an object-store URI (gs://bucket/run)
   logging.info("job=%s workdir=%s", job, workdir)
   module = importlib.import_module(JOBS[job])
   module.run(config, workdir)

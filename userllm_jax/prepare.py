@@ -11,7 +11,8 @@ Usage::
 Dataset names and ``--source`` forms are listed in ``userllm_jax.data.sources``.
 An existing ``--out`` built from the same source files (sha256) with the same
 settings is reused (``--force`` rebuilds). The output is written to a temporary
-directory next to ``--out`` and renamed at the end.
+directory next to ``--out`` and renamed at the end; ``--out`` may also be an object-store
+URI (``gs://bucket/prepared/ml100k``), uploaded with ``metadata.json`` last (``paths.replace_dir``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", None, "Dataset name (see data/sources).")
 flags.DEFINE_string("source", None, "Raw data location; default: the "
                     "dataset's embedded/default source where one exists.")
-flags.DEFINE_string("out", None, "Output directory of the prepared dataset.")
+flags.DEFINE_string("out", None, "Output directory of the prepared dataset (local or gs://...).")
 flags.DEFINE_bool("strict", False, "Fail on the first malformed row instead "
                   "of skipping and counting it.")
 flags.DEFINE_integer("min_user_count", 1, "Drop users with fewer "

@@ -22,25 +22,29 @@ their sizes, split sizes (leave-one-out and User-LLM windows), the sha256 of
 every source file, the settings used, the read report, and the size and
 sha256 of every file written here (checked by :func:`open_dataset`).
 
-Everything is written to a temporary directory next to ``DIR`` and renamed
-into place at the end, so a failure never leaves a half-written dataset; the
+``DIR`` is any :mod:`userllm_jax.paths` location. Everything is written to a
+local temporary directory (next to ``DIR`` when local) and moved into place at the
+end with ``paths.replace_dir`` (renames locally; on an object store an upload with
+``metadata.json`` last, so a dataset without it is never opened), so a failure
+never leaves a half-written dataset. A dataset on an object store is read through
+a host-local mirror under ``paths.cache_dir()/remote/`` (ArrayRecord reads local
+files), refreshed when the remote ``metadata.json`` changes. The
 output is a pure function of the input and the settings (no timestamps), so
 two runs give byte-identical directories.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import msgpack
 import numpy as np
 
+from userllm_jax import paths
 from userllm_jax.data import sequences as seqlib
 from userllm_jax.data.schema import (DataError, DataFormatError, Interaction,
                                      ReadReport)
@@ -78,12 +82,35 @@ class CorruptDatasetError(DataError):
                      "userllm_jax.prepare` to rebuild it)")
 
 
-def sha256_file(path: os.PathLike | str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+sha256_file = paths.sha256_file   # the one sha256 helper (kept under this name for callers)
+
+
+def local_mirror(directory: os.PathLike | str) -> pathlib.Path:
+  """A local directory with the files of the dataset at ``directory``: ``directory`` itself
+  when local, else a mirror in the cache (downloaded when missing or stale)."""
+  if not paths.is_remote(directory):
+    return paths.local_path(directory)
+  remote = paths.path(directory)
+  meta_file = remote / METADATA
+  if not meta_file.exists():
+    raise CorruptDatasetError(meta_file, "missing (incomplete or no dataset)")
+  meta_bytes = meta_file.read_bytes()
+  mirror = paths.cache_dir() / "remote" / paths.sha256_bytes(os.fspath(remote))[:16]
+  if (mirror / METADATA).is_file() and (mirror / METADATA).read_bytes() == meta_bytes:
+    return mirror
+  meta = json.loads(meta_bytes)
+  tmp = paths.make_temp_dir(mirror)
+  try:
+    for fname in sorted(meta.get("files", {})):
+      (tmp / fname).write_bytes((remote / fname).read_bytes())
+    (tmp / METADATA).write_bytes(meta_bytes)
+    paths.replace_dir(tmp, mirror,
+                      accept_existing=lambda d: (paths.local_path(d) / METADATA).read_bytes()
+                      == meta_bytes)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+  return mirror
 
 
 def encode_array(x: np.ndarray) -> dict:
@@ -145,10 +172,7 @@ def write_dataset(seq: seqlib.SequenceData, out: os.PathLike | str, *,
                   ) -> "PreparedDataset":
   """Writes ``seq`` as a prepared dataset at ``out`` (atomically)."""
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-  os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a dataset is shared data.
+  tmp = paths.make_temp_dir(out)
   try:
     lengths = seq.lengths()
     n_users = seq.num_users
@@ -197,24 +221,14 @@ def write_dataset(seq: seqlib.SequenceData, out: os.PathLike | str, *,
         "files": files,
     }
     _atomic_write_text(tmp / METADATA, _json_dump(meta))
-    _swap_into_place(tmp, out)
+    if not paths.is_remote(out) and paths.local_path(out).exists() and not paths.local_path(
+        out).is_dir():
+      raise DataError(f"{out}: exists and is not a directory")
+    paths.replace_dir(tmp, out, marker=METADATA)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
   return open_dataset(out)
-
-
-def _swap_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  if out.exists():
-    if not out.is_dir():
-      raise DataError(f"{out}: exists and is not a directory")
-    trash = pathlib.Path(tempfile.mkdtemp(dir=out.parent,
-                                          prefix=f".{out.name}.old-"))
-    os.replace(out, trash / "old")
-    os.replace(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
-  else:
-    os.replace(tmp, out)
 
 
 class PreparedDataset:
@@ -226,14 +240,16 @@ class PreparedDataset:
   """
 
   def __init__(self, directory: os.PathLike | str, *, verify: bool = False):
-    self.directory = pathlib.Path(directory)
+    # A local pathlib.Path, or the object-store URI (read through local_mirror).
+    self.directory = (paths.path(directory) if paths.is_remote(directory)
+                      else pathlib.Path(directory))
     self._verify = verify
     self.reused = False  # True when prepare_dataset found it up to date.
     self._load()
 
   def _load(self) -> None:
     from grain import sources as grain_sources  # pylint: disable=g-import-not-at-top
-    d = self.directory
+    d = local_mirror(self.directory)
     if not d.is_dir():
       raise CorruptDatasetError(d, "prepared dataset directory not found")
     mpath = d / METADATA
@@ -310,7 +326,8 @@ class PreparedDataset:
     return {"directory": str(self.directory)}
 
   def __setstate__(self, state):
-    self.directory = pathlib.Path(state["directory"])
+    d = state["directory"]
+    self.directory = paths.path(d) if paths.is_remote(d) else pathlib.Path(d)
     self._verify = False
     self.reused = False
     self._load()
@@ -404,10 +421,10 @@ def normalize_settings(settings: dict) -> dict:
   return json.loads(json.dumps(out, sort_keys=True))
 
 
-def hash_source_files(paths: Iterable[os.PathLike | str]) -> dict[str, str]:
+def hash_source_files(files: Iterable[os.PathLike | str]) -> dict[str, str]:
   """``{basename: sha256}``; basenames must be unique."""
   out: dict[str, str] = {}
-  for p in paths:
+  for p in files:
     p = pathlib.Path(p)
     if p.name in out:
       raise DataError(f"two source files share the name {p.name!r}")
@@ -432,9 +449,9 @@ def build_and_write(interactions: Iterable[Interaction],
                        source_files=source_files or {}, report=report)
 
 
-def _reusable(out: pathlib.Path, settings: dict, name: str,
+def _reusable(out, settings: dict, name: str,
               source: Optional[str], files: dict[str, str]) -> bool:
-  if not (out / METADATA).is_file():
+  if not (paths.path(out) / METADATA).is_file():
     return False
   try:
     ds = open_dataset(out, verify=True)
@@ -464,7 +481,7 @@ def prepare_dataset(name: str, source: Optional[str], out: os.PathLike | str,
     if not hasattr(sources, fn):
       raise DataError(f"userllm_jax.data.sources has no {fn}(): the reader "
                       "registry is not available")
-  out = pathlib.Path(out)
+  out = paths.path(out) if paths.is_remote(out) else pathlib.Path(out)
   s = normalize_settings(settings)
   source = None if source is None else str(source)
   files = hash_source_files(sources.source_files(name, source,
@@ -488,6 +505,6 @@ def prepare_dataset(name: str, source: Optional[str], out: os.PathLike | str,
 
 def dataset_files(directory: os.PathLike | str) -> Sequence[pathlib.Path]:
   """All files of a prepared dataset (for copying or hashing)."""
-  d = pathlib.Path(directory)
+  d = paths.path(directory) if paths.is_remote(directory) else pathlib.Path(directory)
   meta = json.loads((d / METADATA).read_text(encoding="utf-8"))
   return [d / METADATA] + [d / f for f in sorted(meta["files"])]

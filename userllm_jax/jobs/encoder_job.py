@@ -40,10 +40,8 @@ Config fields (besides ``train.*`` / ``mesh.*`` read by the loop):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import time
 from typing import Any, Optional
 
@@ -61,6 +59,7 @@ from userllm_jax.data import records
 from userllm_jax.data import sequences as seqlib
 from userllm_jax.eval import ranking
 from userllm_jax.models import encoder as enc
+from userllm_jax.train import checkpoint as ckpt_lib
 from userllm_jax.train import loop
 from userllm_jax.train import mesh as mesh_lib
 
@@ -89,7 +88,7 @@ def dataset_dir(data_cfg) -> str:
   key = json.dumps({"name": data_cfg.name, "source": _get(data_cfg, "source", "") or None,
                     "settings": _to_dict(_get(data_cfg, "settings", None))},
                    sort_keys=True, default=str)
-  digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+  digest = paths.sha256_bytes(key)[:12]
   safe = data_cfg.name.replace("/", "_").replace(":", "_")
   return str(paths.cache_dir() / "prepared" / f"{safe}-{digest}")
 
@@ -261,6 +260,9 @@ def train_and_evaluate(config, workdir: str):
       shard_index=jax.process_index(), shard_count=jax.process_count(),
       worker_count=workers,
       worker_buffer_size=int(_get(config.data, "worker_buffer_size", 2)))
+  if not _get(config.data, "packing", False) and not workers:
+    # ds[i::N] of one global order: the data position survives a change of process count.
+    ckpt_lib.set_shard_layout(train_iter, ckpt_lib.STRIDED)
 
   eval_cfg = _get(config, "eval", None)
   periodic = None
@@ -326,7 +328,7 @@ def train_and_evaluate(config, workdir: str):
       "config": config.to_dict() if hasattr(config, "to_dict") else None,
   }
   if primary:
-    path = os.path.join(workdir, "results.json")
+    path = paths.join(workdir, "results.json")
     paths.write_atomic(path, json.dumps(results, indent=2, default=str))
     logging.info("wrote %s", path)
   return results, result.model, prepared

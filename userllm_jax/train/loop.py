@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import threading
 import time
@@ -74,6 +73,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from userllm_jax import paths
 from userllm_jax.train import checkpoint as ckpt_lib
 from userllm_jax.train import mesh as mesh_lib
 from userllm_jax.train import mfu as mfu_lib
@@ -208,7 +208,7 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
     mesh = mesh_lib.make_mesh(_cfg_get(config, "mesh", None))
   tx, schedule = optim.make_optimizer(tcfg, total_steps)
   primary = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)   # local dir or object-store prefix (gs://...)
 
   with jax.set_mesh(mesh):
     # --- structure, shardings --------------------------------------------
@@ -250,7 +250,7 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
                  f"{n_train:,}", f"{n_frozen:,}", accum, dict(mesh.shape))
 
     # --- init or resume ------------------------------------------------------
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+    checkpointer = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"),
                                          max_to_keep=keep)
     data_ckpt = train_iter if hasattr(train_iter, "get_state") else None
     if data_ckpt is None:

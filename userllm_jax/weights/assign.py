@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from userllm_jax.train import mesh as mesh_lib
+
 # Architecture fields every loader derives (our names; make_config maps them onto GemmaConfig).
 SPEC_FIELDS = (
     "vocab_size", "num_layers", "embed_dim", "mlp_dim", "num_heads", "num_kv_heads", "head_dim",
@@ -34,11 +36,6 @@ SPEC_FIELDS = (
     "norm_eps", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
 )
 
-# Fallback logical-axis -> mesh-axis rules, used only when train/mesh.py is absent.
-_LOCAL_RULES = (
-    ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-    ("kv_heads", "tensor"), ("head_dim", None), ("items", None), ("latents", None),
-)
 
 
 class WeightsError(ValueError):
@@ -168,46 +165,19 @@ def check_against_preset(spec: Mapping[str, Any], preset: Any, *, source: str) -
 
 
 def logical_rules() -> tuple:
-  """The logical-axis rules table: train/mesh.py's LOGICAL_RULES if present, else a local one."""
-  try:
-    from userllm_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-    rules = getattr(mesh_lib, "LOGICAL_RULES", None)
-    if rules is not None:
-      return tuple(rules.items()) if isinstance(rules, Mapping) else tuple(rules)
-  except ImportError:
-    pass
-  return _LOCAL_RULES
+  """The one logical-axis rules table: ``train/mesh.py``'s :data:`LOGICAL_RULES`."""
+  return tuple(mesh_lib.LOGICAL_RULES)
 
 
 def partition_spec(logical_axes: Optional[Sequence[Optional[str]]], shape: Sequence[int],
                    mesh: jax.sharding.Mesh, rules: Sequence = None) -> jax.sharding.PartitionSpec:
-  """A PartitionSpec for one param: logical names -> mesh axes; an axis is left unsharded if
-  its mesh axis is absent, of size 1, already used, or does not divide the dimension."""
+  """A PartitionSpec for one param by ``train/mesh.py``'s :func:`logical_to_spec` (the same
+  table and the same rule the trainer uses: an axis stays unsharded if its mesh axis is absent,
+  of size 1, already used, or does not divide the dimension)."""
   if logical_axes is None:
     return jax.sharding.PartitionSpec()
-  try:
-    from userllm_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    mesh_lib = None
-  if mesh_lib is not None and hasattr(mesh_lib, "logical_to_spec"):
-    kw = {} if rules is None else {"rules": tuple(rules)}
-    return mesh_lib.logical_to_spec(tuple(logical_axes), tuple(shape), dict(mesh.shape), **kw)
-  rules = dict(rules if rules is not None else logical_rules())
-  if logical_axes is None:
-    return jax.sharding.PartitionSpec()
-  used: set = set()
-  out = []
-  for name, dim in zip(logical_axes, shape):
-    target = rules.get(name) if name is not None else None
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
-    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
-    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    if not axes or dim % size:
-      out.append(None)
-      continue
-    used.update(axes)
-    out.append(axes[0] if len(axes) == 1 else axes)
-  return jax.sharding.PartitionSpec(*out)
+  kw = {} if rules is None else {"rules": tuple(rules)}
+  return mesh_lib.logical_to_spec(tuple(logical_axes), tuple(shape), dict(mesh.shape), **kw)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ writes the cache ``cache_dir()/gemma3-270m/``:
   tokenizer.model          serialized SentencePiece ModelProto (rebuilt from the GGUF metadata)
   params/<tree path>.npy   one float32 array per parameter, in our layout (mmap-friendly)
 
-The cache is written to a temporary sibling directory and moved into place with ``os.replace``,
+The cache is written to a temporary sibling directory and moved into place with
+``paths.replace_dir`` (two renames),
 so a reader never sees a half-written cache; a concurrent builder that loses the race discards
 its copy. The assembled GGUF is deleted afterwards (it can be re-assembled from the package at
 any time). Float32 keeps the dequantised Q4_K/Q6_K values exactly (~1.1 GB on disk).
@@ -19,12 +20,10 @@ Later loads read the manifest, check every file's size, and memory-map the array
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
 import shutil
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -41,15 +40,7 @@ def cache_path() -> pathlib.Path:
   return paths.cache_dir() / NAME
 
 
-def _sha256(path: os.PathLike, chunk: int = 1 << 22) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while True:
-      block = f.read(chunk)
-      if not block:
-        break
-      h.update(block)
-  return h.hexdigest()
+_sha256 = paths.sha256_file   # the one sha256 helper
 
 
 def _package():
@@ -68,7 +59,7 @@ def build_cache(target: Optional[pathlib.Path] = None, *, gguf_path: Optional[st
   target = pathlib.Path(target) if target is not None else cache_path()
   target.parent.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+  tmp = paths.make_temp_dir(target)
   try:
     if gguf_path is None:
       pkg = _package()
@@ -92,21 +83,15 @@ def build_cache(target: Optional[pathlib.Path] = None, *, gguf_path: Optional[st
       files[rel] = {"shape": list(arr.shape), "dtype": "float32",
                     "size": os.path.getsize(out / rel), "sha256": _sha256(out / rel)}
     (out / "tokenizer.model").write_bytes(proto)
-    files["tokenizer.model"] = {"size": len(proto), "sha256": hashlib.sha256(proto).hexdigest()}
+    files["tokenizer.model"] = {"size": len(proto), "sha256": paths.sha256_bytes(proto)}
     manifest = {"format_version": FORMAT_VERSION, "name": NAME, "source": os.path.basename(src),
                 "source_sha256": src_sha, "spec": spec, "params": sorted(params),
                 "files": files, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     del params
-    if target.exists():  # stale or broken cache: move aside, then replace
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-      os.replace(target, old / "x")
-      shutil.rmtree(old, ignore_errors=True)
-    try:
-      os.replace(out, target)
-    except OSError:
-      if not _manifest_ok(target):  # someone else finished first; keep theirs if valid
-        raise
+    # A stale or broken cache is swapped out; a concurrent builder's valid one is kept.
+    paths.replace_dir(out, target,
+                      accept_existing=lambda d: _manifest_ok(pathlib.Path(os.fspath(d))))
     if verbose:
       print(f"[{NAME}] cache written to {target} in {time.time() - t0:.1f} s", flush=True)
     return target

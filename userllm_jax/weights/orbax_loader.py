@@ -25,12 +25,12 @@ shapes, or from the ``config`` argument.
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 from typing import Any, Optional
 
 import numpy as np
 
+from userllm_jax import paths
 from userllm_jax.weights import assign
 
 _LAYER_RE = re.compile(r"^layer_(\d+)/(.+)$")
@@ -62,7 +62,7 @@ def restore_tree(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Restores an Orbax PyTree checkpoint as a flat ``{'a/b/c': np.ndarray}`` (host memory)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  path = pathlib.Path(path).absolute()
+  path = paths.path(path)          # local or gs:// (Orbax reads both through epath)
   if not path.is_dir():
     raise FileNotFoundError(f"Orbax checkpoint directory not found: {path}")
   ckptr = ocp.PyTreeCheckpointer()
@@ -242,4 +242,4 @@ def save_gemma_tree(path: str | os.PathLike, params: dict[str, np.ndarray], *,
          else np.stack([gate, up]))
     setp(["mlp", "linear"], params[p + "mlp.down_proj.kernel"])
     tree[f"layer_{i}"] = layer
-  ocp.PyTreeCheckpointer().save(pathlib.Path(path).absolute(), {"transformer": tree})
+  ocp.PyTreeCheckpointer().save(paths.path(path), {"transformer": tree})

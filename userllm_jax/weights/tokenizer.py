@@ -180,6 +180,6 @@ class Tokenizer:
     return int(self._sp.PieceToId(piece))
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the serialized ModelProto (a ``tokenizer.model`` file)."""
-    with open(path, "wb") as f:
-      f.write(self.proto)
+    """Writes the serialized ModelProto (a ``tokenizer.model`` file; local or gs://)."""
+    from userllm_jax import paths  # pylint: disable=import-outside-toplevel
+    paths.write_atomic(path, self.proto)

@@ -36,6 +36,11 @@ PathLike = Union[str, os.PathLike]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _INT_RE = re.compile(r"\s*[+-]?[0-9]+\s*")
+# A number as a data file spells it: ASCII decimal, optional exponent (and the words
+# inf/nan, rejected later as not finite). Python's float()/int() also take "1_000"
+# and non-ASCII digits ("١٠٠٠"), which no data file means as a number.
+_NUMBER_RE = re.compile(r"\s*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                        r"|inf|infinity|nan)\s*", re.IGNORECASE)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -134,6 +139,8 @@ def parse_number(value: Any, field: str) -> float:
                      "bad_number") from None
   elif isinstance(value, str):
     try:
+      if not _NUMBER_RE.fullmatch(value):
+        raise ValueError(value)
       x = float(value)
     except ValueError:
       raise RowError(f"{field}: expected a number, got {value!r}",
@@ -148,6 +155,12 @@ def parse_number(value: Any, field: str) -> float:
 
 
 MAX_RATING = 100.0
+
+
+def is_plain_number(text: str) -> bool:
+  """True when ``text`` is spelled as a data file's number (see ``_NUMBER_RE``); the
+  readers' fast paths check it because ``float``/``int`` alone accept ``"1_000"``."""
+  return text.isascii() and "_" not in text
 
 
 def parse_rating(value: Any, field: str = "rating") -> float:

