@@ -30,6 +30,7 @@ def test_both_modes_learn_to_use_the_user(tmp_path):
   cfg = tiny_config()
   cfg.tasks.names = ("fav_genre",)
   cfg.tasks.history_lengths = (12,)
+  cfg.train.steps = 240       # cross-attention needs ~2x the soft prompt's steps here
   _, encoder, prepared = encoder_job.train_and_evaluate(cfg.encoder, str(tmp_path / "stage1"))
   catalog = tasks_lib.Catalog.from_dataset(prepared, domain=cfg.encoder.data.domain)
   data = examples_lib.build_task_data(cfg, prepared, catalog)

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -53,14 +52,14 @@ def run(config, workdir: str) -> dict:
   """Runs the whole job; returns (and writes to ``workdir/results.json``) the results."""
   from userllm_jax.jobs import encoder_job  # pylint: disable=g-import-not-at-top
   t_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   for m in config.methods:
     methods_lib.parse_method(m, config)
   hl = history_lengths(config)
   timings: dict[str, float] = {}
 
   s1, encoder, prepared = encoder_job.train_and_evaluate(config.encoder,
-                                                         os.path.join(workdir, "stage1"))
+                                                         paths.join(workdir, "stage1"))
   stage1 = {k: s1.get(k) for k in ("train", "test", "dataset")}
   timings["stage1_s"] = time.time() - t_start
   catalog = tasks_lib.Catalog.from_dataset(prepared, domain=config.encoder.data.domain)
@@ -97,12 +96,10 @@ def run(config, workdir: str) -> dict:
   budget_note = None
   ul_flops = None
   for name in config.methods:
-    mdir = os.path.join(workdir, name)
-    done_path = os.path.join(mdir, "results.json")
-    if os.path.exists(done_path):
+    done_path = paths.join(workdir, name, "results.json")
+    if paths.path(done_path).exists():
       logging.info("%s: results found in %s; skipping", name, done_path)
-      with open(done_path, encoding="utf-8") as f:
-        done = json.load(f)
+      done = json.loads(paths.read_text(done_path))
     else:
       spec = methods_lib.build_method(config, name, encoder=encoder, gemma=gemma,
                                       tokenizer=tokenizer, catalog=catalog)
@@ -132,7 +129,7 @@ def run(config, workdir: str) -> dict:
         generations.setdefault(task, []).extend(rows)
     if jax.process_index() == 0:
       for task, rows in generations.items():
-        paths.write_atomic(os.path.join(workdir, "generations", f"{name}_{task}.jsonl"),
+        paths.write_atomic(paths.join(workdir, "generations", f"{name}_{task}.jsonl"),
                            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     main = next(r for r in done["sweep"] if r["history_len"] == int(config.tasks.window))
     results["methods"][name] = {"train": done["train"], **main}
@@ -154,11 +151,12 @@ def run(config, workdir: str) -> dict:
     header += f"\n{budget_note}"
   print(f"\n{header}:\n{table}\n\n{report_lib.format_ratios(ratios)}\n", flush=True)
   results.update(table=table, table_header=header, ratios=ratios)
-  results["plots"] = report_lib.write_plots(workdir, results["sweep"], baselines)
+  results["plots"] = (report_lib.write_plots(workdir, results["sweep"], baselines)
+                      if jax.process_index() == 0 else [])
   timings["total_s"] = time.time() - t_start
   results["timings"] = timings
   if jax.process_index() == 0:
-    paths.write_atomic(os.path.join(workdir, "results.json"),
+    paths.write_atomic(paths.join(workdir, "results.json"),
                        json.dumps(results, indent=2, default=_json_default))
   logging.info("timings: %s", timings)
   return results

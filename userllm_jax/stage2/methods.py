@@ -18,7 +18,6 @@ loss (:mod:`userllm_jax.stage2.loss`) and returns a :class:`TrainedMethod`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -211,7 +210,8 @@ def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequenc
                                         batch_size=int(train_cfg.batch_size))
   target_len, _ = examples_lib.target_budgets(config)
   t0 = time.time()
-  res = loop.run_training(config, os.path.join(workdir, spec.name),
+  from userllm_jax import paths  # pylint: disable=g-import-not-at-top
+  res = loop.run_training(config, paths.join(workdir, spec.name),
                           build_model=spec.build_model,
                           loss_fn=make_loss_fn(spec, max_target_tokens=target_len,
                                                vocab_ids=vocab_ids),

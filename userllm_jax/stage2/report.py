@@ -8,7 +8,6 @@ User-LLM method for FLOPs, time to first token and end-to-end latency.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import numpy as np
@@ -92,13 +91,17 @@ def write_plots(workdir: str, sweep: dict[str, list[dict]],
   except ImportError:
     logging.warning("matplotlib not importable: no plots")
     return []
+  import io  # pylint: disable=g-import-not-at-top
+  from userllm_jax import paths  # pylint: disable=g-import-not-at-top
   written = []
 
   def save(fig, name):
-    path = os.path.join(workdir, name)
+    path = paths.join(workdir, name)
+    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    paths.write_atomic(path, buf.getvalue())      # local or gs://, never half-written
     written.append(path)
 
   metrics = [m for m in ("recall@10", "recall@1", "genre_accuracy", "rougeL")
