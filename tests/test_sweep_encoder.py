@@ -42,6 +42,7 @@ def test_command_is_the_job_entry_point():
   assert "--workdir=/tmp/w" in cmd
 
 
+@pytest.mark.slow   # a whole (tiny) encoder job per sweep line; the sweep plumbing is tested above
 def test_one_tiny_run_through_the_job(tmp_path):
   sweep = tmp_path / "s.txt"
   sweep.write_text("tiny_sas | --config.model.features=\"('item',)\" --config.train.steps=4 "
