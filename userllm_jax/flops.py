@@ -155,7 +155,9 @@ def run(config, history_lengths: Sequence[int], *, task: str = "next_item",
   """The comparison as a dict (see the module docstring)."""
   from userllm_jax.eval import flops as flops_lib  # pylint: disable=g-import-not-at-top
   userllm_cfg, encoder_cfg, gemma_cfg = model_configs(config)
-  domain = config.encoder.data.get("domain", "movielens")
+  enc = config.get("encoder", None)
+  domain = (enc.data.get("domain", "movielens") if enc is not None and "data" in enc
+            else "movielens")
   tokenizer = histories = None
   if use_tokenizer:
     try:
