@@ -113,8 +113,9 @@ def write_plots(workdir: str, sweep: dict[str, list[dict]],
         xs = [r["history_len"] for r in rs]
         ys = np.array([r.get(m, np.nan) for r in rs], float)
         ci = np.array([r.get(m + "_ci", [np.nan, np.nan]) for r in rs], float)
-        ax.errorbar(xs, ys, yerr=[ys - ci[:, 0], ci[:, 1] - ys], fmt="o-", capsize=3,
-                    label=name)
+        # (A Wilson bound at 0 or 1 can sit a rounding error past the estimate.)
+        yerr = np.clip(np.stack([ys - ci[:, 0], ci[:, 1] - ys]), 0.0, None)
+        ax.errorbar(xs, ys, yerr=np.nan_to_num(yerr), fmt="o-", capsize=3, label=name)
       ref = _baseline_lines(baselines, m)
       for (label, value), style in zip(ref, ("--", ":", "-.")):
         ax.axhline(value, color="gray", linestyle=style, label=label)
