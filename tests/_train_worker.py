@@ -141,6 +141,10 @@ def make_config(**train_overrides) -> ml_collections.ConfigDict:
       steps=8, lr=3e-2, warmup_steps=2, weight_decay=0.01, grad_clip=1.0, grad_accum=1,
       ckpt_every=0, keep=3, log_every=1, eval_every=0, batch_size=8,
       assert_sharded_min_size=0))
+  # No device prefetch: the worker reads the *live* iterator's next batch after training, which
+  # a prefetcher would already have advanced (checkpoints record the consumed position either
+  # way; tests/test_mfu_and_prefetch.py covers that).
+  cfg.train.prefetch = 0
   cfg.train.update(train_overrides)
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return cfg
