@@ -5,7 +5,7 @@
 
 Nothing is materialised: the model is ``nnx.eval_shape``'d, the optimizer state is
 ``jax.eval_shape``'d, and the train step (the same math as ``train/loop.py``: value_and_grad
-of :func:`models.userllm.next_token_loss`, clip + AdamW from ``train/optim.py``) is
+of :func:`stage2.loss.next_token_loss`, clip + AdamW from ``train/optim.py``) is
 ``jit(...).lower(abstract sharded state, abstract batch).compile()``'d on a
 ``('data', 'fsdp', 'tensor')`` mesh whose parameter shardings come from ``train/mesh.py``'s
 logical rules.  The report prints, per device:
@@ -55,6 +55,7 @@ from jax.sharding import PartitionSpec as P
 
 from userllm_jax.models import gemma as gemma_lib
 from userllm_jax.models import userllm as ul
+from userllm_jax.stage2 import loss as stage2_loss
 from userllm_jax.models.encoder import EncoderConfig
 from userllm_jax.train import mesh as mesh_lib
 from userllm_jax.train import optim
@@ -166,8 +167,9 @@ def build_report(*, gemma_cfg: gemma_lib.GemmaConfig, enc_cfg: EncoderConfig,
 
       def loss_of(params):
         model = merge(params, state["frozen"], state["rest"])
-        loss, metrics = ul.next_token_loss(model, batch_, deterministic=False, rng=rng,
-                                           max_target_tokens=target_len)
+        fwd = lambda t, m, lp, v: model(batch_, t, m, logits_positions=lp,
+                                        deterministic=False, rng=rng)
+        loss, metrics = stage2_loss.next_token_loss(fwd, batch_, max_target_tokens=target_len)
         return loss, metrics
 
       (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
