@@ -82,19 +82,20 @@ def _offline(model, tok, catalog, sent, task):
                                               item_ids=gids)
   rid = {"1": 2, "2": 3, "3": 4, "4": 5, "5": 6}
   B = len(sent)
-  hist = {k: np.zeros((B, CAP) + ((2,) if k == "genre" else ()), np.int32)
-          for k in ("item", "genre", "rating", "timegap", "position", "segment")}
+  hist = {k: np.zeros((B, CAP) + ((2,) if k == "genre_BxTxG" else ()), np.int32)
+          for k in ("item_BxT", "genre_BxTxG", "rating_BxT", "timegap_BxT", "position_BxT",
+                    "segment_BxT")}
   for b, (events, wlen) in enumerate(sent):
     if not wlen:
       continue
     gaps = seqlib.timegap_ids(np.array([e["timestamp"] for e in events]))
     w = events[-wlen:]
-    hist["item"][b, :wlen] = [e["item_id"] for e in w]
-    hist["genre"][b, :wlen] = catalog.item_genres[hist["item"][b, :wlen]]
-    hist["rating"][b, :wlen] = [rid[str(e["rating"])] for e in w]
-    hist["timegap"][b, :wlen] = gaps[-wlen:]
-    hist["position"][b, :wlen] = np.arange(wlen)
-    hist["segment"][b, :wlen] = 1
+    hist["item_BxT"][b, :wlen] = [e["item_id"] for e in w]
+    hist["genre_BxTxG"][b, :wlen] = catalog.item_genres[hist["item_BxT"][b, :wlen]]
+    hist["rating_BxT"][b, :wlen] = [rid[str(e["rating"])] for e in w]
+    hist["timegap_BxT"][b, :wlen] = gaps[-wlen:]
+    hist["position_BxT"][b, :wlen] = np.arange(wlen)
+    hist["segment_BxT"][b, :wlen] = 1
   kw = model.llm_inputs(hist, deterministic=True)
   prompt = [tok.bos_id] + tok.encode(tasks_lib.prompt_for(task, catalog))
   sampler = sampler_lib.Sampler(model.gemma, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -110,7 +111,8 @@ def _offline(model, tok, catalog, sent, task):
   return [genre_trie.items_for(list(out.tokens_BxN[b]))[0] for b in range(B)]
 
 
-@pytest.mark.slow   # not yet seen passing: the server start timed out on the starved 2-core CPU
+@pytest.mark.slow   # served answers equal offline generation; its last check (the tiny random
+# model ranks differently per user) fails: every user gets the same ranking. To fix.
 def test_service_end_to_end(server):
   url, d = server
   assert requests.get(f"{url}/health", timeout=60).json()["status"] == "ok"

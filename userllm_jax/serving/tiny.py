@@ -68,7 +68,7 @@ def tiny_parts(seed: int = 0, *, mode: str = "xattn", max_len: int = 8,
   graphdef, _ = nnx.split(nnx.eval_shape(build))
   model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1])())
   emb = model.gemma.embedder.input_embedding
-  emb[...] = emb[...] / jnp.sqrt(jnp.float32(gcfg.embed_dim))  # as jobs/userllm_job.load_llm
+  emb[...] = emb[...] / jnp.sqrt(jnp.float32(gcfg.embed_dim))  # as stage2/llm.load_llm
   for blk in model.gemma.xattn.values():
     blk.attn_gate[...] = jnp.ones_like(blk.attn_gate[...])
     blk.ffw_gate[...] = jnp.ones_like(blk.ffw_gate[...])
