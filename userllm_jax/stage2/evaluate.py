@@ -79,12 +79,6 @@ class AnswerSets:
     return [np.asarray(self.item_constraint.vocab_ids).tolist()] + self.genre_tokens
 
 
-def _first_timed(fn, *args, **kw):
-  """Run ``fn`` twice on the first batch (compile, then time); return the timed result."""
-  fn(*args, **kw)
-  return fn(*args, **kw)
-
-
 class Decoder:
   """Decoding one method: user tokens (jitted, for User-LLM) + the sampler on its Gemma.
 
