@@ -66,7 +66,10 @@ def test_tiny_config_end_to_end(tmp_path):
   wts = _pieces(tmp_path)
   proc = _run(tmp_path, f"--config={CONFIG}:tiny", f"--wts={wts}", "--gguf_use=path",
               "--total_s=400", "--", "--config.llm.name=tiny", "--config.train.steps=6",
-              "--config.encoder.train.steps=10")
+              "--config.encoder.train.steps=10",
+              # the script's path, not the job's breadth (tests/test_userllm_job.py has that)
+              "--config.tasks.names=('fav_genre',)", "--config.tasks.history_lengths=(12,)",
+              "--config.tasks.num_test_users=8", "--config.eval.batch_size=8")
   out = tmp_path / "out"
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   env_txt = (out / "env.txt").read_text()
