@@ -78,6 +78,9 @@ class GemmaConfig:
   xattn_head_dim: Optional[int] = None    # default: head_dim
   xattn_mlp_dim: Optional[int] = None     # default: mlp_dim
   lora: Optional[LoRAConfig] = None
+  # Rematerialise each decoder block in the backward pass (activations recomputed instead of
+  # stored); only without a KV cache, i.e. in training and scoring.
+  remat: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
@@ -460,7 +463,11 @@ class Gemma3(nnx.Module):
 
     for i, block in enumerate(self.layers):
       kv = None if cache is None else cache["layers"][i]
-      x, kv_new = block(x, positions_BxS, masks, kv, index)
+      if cfg.remat and cache is None:
+        x, kv_new = nnx.remat(lambda b, x_, p_, m_: b(x_, p_, m_))(block, x, positions_BxS,
+                                                                    masks)
+      else:
+        x, kv_new = block(x, positions_BxS, masks, kv, index)
       if cache is not None:
         new_cache["layers"].append(kv_new)
       if str(i) in self.xattn:

@@ -262,6 +262,8 @@ def main(argv=None) -> int:
   p.add_argument("--hist", type=int, default=256, help="history items per user")
   p.add_argument("--num_items", type=int, default=100_000)
   p.add_argument("--dtype", default="bfloat16", help="LLM compute dtype (params stay f32)")
+  p.add_argument("--remat", type=int, default=1,
+                 help="1: rematerialise each Gemma block in the backward pass (train.remat)")
   p.add_argument("--min_sharded", type=int, default=2**20)
   p.add_argument("--chip_gib", type=float, default=16.0)
   p.add_argument("--check_fit", type=int, default=1)
@@ -271,6 +273,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
   gcfg = gemma_lib.get_config(args.llm, dtype=args.dtype)
+  gcfg = gcfg.replace(remat=bool(args.remat))
   if args.layers:
     gcfg = gcfg.replace(num_layers=args.layers)
   enc_cfg = EncoderConfig(num_items=args.num_items, embed_dim=256, num_layers=2, num_heads=4,
@@ -285,7 +288,7 @@ def main(argv=None) -> int:
                    target_len=args.target, min_sharded=args.min_sharded,
                    chip_gib=args.chip_gib, compile=bool(args.compile))
   title = (f"User-LLM train step: {args.llm} ({gcfg.num_layers} layers, D={gcfg.embed_dim}, "
-           f"{args.dtype} compute, f32 params) + encoder D=256 + perceiver, mode={args.mode}, "
+           f"{args.dtype} compute, f32 params{', remat' if args.remat else ''}) + encoder D=256 + perceiver, mode={args.mode}, "
            f"strategy={args.strategy}; global batch {args.batch} x {args.seq} tokens "
            f"({args.target} with a loss), history {args.hist}; jax {jax.__version__}, "
            f"{jax.device_count()} x {jax.devices()[0].platform}")
