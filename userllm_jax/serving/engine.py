@@ -350,6 +350,20 @@ class Engine:
     ser = tasks_lib.serialize_history(items, self.tokenizer, self.config.tp_budget_tokens)
     return f"{tasks_lib.TP_HEADER}{ser.text}\n{prompt}", ser.num_items
 
+  def prompt_ids(self, req: GenerateRequest, st: state_lib.UserState) -> tuple[list[int], int]:
+    """The LLM prompt's token ids (BOS first) for a request and the history items it holds
+    (TP: serialized in the text; User-LLM: the encoder window behind the user tokens)."""
+    if req.method == "tp":
+      text, n_items = self.tp_text(st, req.prompt)
+    else:
+      text, n_items = req.prompt, st.window_len
+    return [self.tokenizer.bos_id] + list(self.tokenizer.encode(text)), n_items
+
+  def prompt_bucket(self, req: GenerateRequest, st: state_lib.UserState) -> int:
+    """The prompt-length bucket the request is decoded in (alone or with shorter ones)."""
+    return _bucket(len(self.prompt_ids(req, st)[0]), self.config.prompt_buckets,
+                   "prompt tokens")
+
   def user_llm_inputs(self, states: Sequence[state_lib.UserState], batch_size: int
                       ) -> dict[str, jax.Array]:
     """The Gemma keyword arguments of :meth:`UserLLM.llm_inputs` for ``states`` (rows past
@@ -377,14 +391,7 @@ class Engine:
     t0 = time.perf_counter()
     cfg = self.config
     states = [self.load_state(r.user_id) for r in reqs]
-    prompts, info = [], []
-    for r, st in zip(reqs, states):
-      if method == "tp":
-        text, n_items = self.tp_text(st, r.prompt)
-      else:
-        text, n_items = r.prompt, st.window_len
-      prompts.append([self.tokenizer.bos_id] + list(self.tokenizer.encode(text)))
-      info.append(n_items)
+    prompts, info = map(list, zip(*[self.prompt_ids(r, st) for r, st in zip(reqs, states)]))
     n = len(reqs)
     B = _bucket(n, cfg.batch_sizes, "batch size")
     L = _bucket(max(len(p) for p in prompts), cfg.prompt_buckets, "prompt tokens")
