@@ -13,26 +13,36 @@ import pytest
 from flax import nnx
 
 from userllm_jax.models import encoder as enc
+from userllm_jax.serving import engine as engine_lib
 from userllm_jax.serving import state as state_lib
 from userllm_jax.serving import store as store_lib
+from userllm_jax.serving import tiny
 
 G = np.array([[0, 0], [0, 0]] + [[2 + i % 4, 2 + (i + 1) % 4 if i % 3 else 0]
                                   for i in range(38)], np.int32)
 
 
-def _encoder(position="learned", fusion="early", seed=0):
+ALL = ("item", "genre", "rating", "timegap")
+
+
+def _encoder(position="learned", fusion="early", seed=0, features=ALL):
   cfg = enc.EncoderConfig(num_items=40, num_genres=6, num_ratings=7, num_timegap_buckets=37,
-                          features=("item", "genre", "rating", "timegap"), embed_dim=16,
-                          num_layers=2, num_heads=2, dropout=0.0, max_len=8, position=position,
-                          fusion=fusion)
+                          features=features, embed_dim=16, num_layers=2, num_heads=2,
+                          dropout=0.0, max_len=8, position=position, fusion=fusion,
+                          combine="concat" if fusion == "late" and len(features) > 1 else "sum")
   return enc.UserEncoder(cfg, rngs=nnx.Rngs(seed))
 
 
+_encode = nnx.jit(lambda encoder, batch: encoder(batch)[0])
+
+
 def _full(encoder, events: state_lib.Events):
+  """A full encode of ``events`` (padded to max_len: one compiled program per encoder)."""
   n = len(events)
-  batch = {"item_BxT": events.item[None], "rating_BxT": events.rating[None],
-           "timegap_BxT": events.timegap[None], "genre_BxTxG": G[events.item][None]}
-  return np.asarray(encoder(batch)[0][0])
+  pad = lambda x: np.pad(x, [(0, 8 - n)] + [(0, 0)] * (x.ndim - 1))[None]
+  batch = {"item_BxT": pad(events.item), "rating_BxT": pad(events.rating),
+           "timegap_BxT": pad(events.timegap), "genre_BxTxG": pad(G[events.item])}
+  return np.asarray(_encode(encoder, batch)[0, :n])
 
 
 def test_next_window_rule():
@@ -42,12 +52,19 @@ def test_next_window_rule():
   assert state_lib.next_window(6, 20, 8, 4) == (8, False)
 
 
-@pytest.mark.parametrize("position,fusion,chunks", [
-    ("learned", "early", [1] * 19),
-    ("rotary", "late", [3, 2, 5, 1, 9, 4]),
+# every encoder feature set, both fusions, both position kinds (test_serving_encoder.py has
+# the full product within one window)
+@pytest.mark.parametrize("position,fusion,features,chunks", [
+    ("learned", "early", ALL, [1] * 19),
+    ("rotary", "late", ALL, [3, 2, 5, 1, 9, 4]),
+    ("learned", "late", ("item",), [5, 4, 1, 1, 2]),
+    ("rotary", "early", ("item", "genre"), [2, 7, 3, 8]),
+    ("rotary", "late", ("item", "rating"), [6, 3, 1, 4]),
+    ("learned", "early", ("item", "timegap"), [4, 4, 1, 9]),
 ])
-def test_appends_across_max_len_equal_full_encode_of_the_rule_window(position, fusion, chunks):
-  encoder = _encoder(position, fusion)
+def test_appends_across_max_len_equal_full_encode_of_the_rule_window(position, fusion, features,
+                                                                      chunks):
+  encoder = _encoder(position, fusion, features=features)
   inc = state_lib.IncrementalEncoder(encoder, G)
   assert (inc.capacity, inc.refill) == (8, 4)
   rng = np.random.default_rng(0)
@@ -66,6 +83,45 @@ def test_appends_across_max_len_equal_full_encode_of_the_rule_window(position, f
     np.testing.assert_allclose(cache["h"], _full(encoder, ev.tail(wlen)), atol=2e-5, rtol=1e-4)
   assert len(ev) > 8 and True in kinds and False in kinds
   assert ev.timegap[0] == 2 and set(ev.timegap[1:]) <= set(range(3, 38))
+
+
+@pytest.mark.parametrize("mode,use_perceiver,fusion,features", [
+    ("xattn", True, "late", ("item", "genre", "rating", "timegap")),
+    ("soft_prompt", False, "early", ("item", "rating", "timegap")),
+])
+def test_engine_user_tokens_equal_those_of_a_full_reencode(mode, use_perceiver, fusion,
+                                                           features):
+  """Both fusions into the LLM: the user tokens the engine computes from the cached window
+  outputs (appends crossing max_len) equal UserLLM.llm_inputs of a full encode."""
+  model, tok, catalog = tiny.tiny_parts(0, mode=mode, use_perceiver=use_perceiver,
+                                        fusion=fusion, features=features)
+  eng = engine_lib.Engine(model, tok, catalog, store_lib.MemoryStore())
+  rng = np.random.default_rng(2)
+  t = 1000
+  for k in (3, 4, 6, 1):      # 7, then a restart (6), then 7: crosses max_len = 8
+    stamps = t + np.cumsum(rng.integers(0, 5000, k))
+    t = int(stamps[-1])
+    eng.append("u", [{"item_id": int(i), "timestamp": int(s), "rating": int(r)}
+                     for i, s, r in zip(rng.integers(2, 40, k), stamps, rng.integers(1, 6, k))])
+  st = eng.load_state("u")
+  assert st.window_len == 7 and st.total_events == 14
+  states = [st, eng.load_state("cold")]
+  got = eng.user_llm_inputs(states, 2)
+  w = st.events.tail(st.window_len)
+  pad = lambda x: np.pad(np.asarray(x, np.int32)[None], [(0, 1), (0, 8 - len(w))]
+                         + [(0, 0)] * (np.ndim(x) - 1))
+  hist = {"item_BxT": pad(w.item), "rating_BxT": pad(w.rating), "timegap_BxT": pad(w.timegap),
+          "genre_BxTxG": pad(catalog.item_genres[w.item]), "position_BxT": pad(np.arange(7)),
+          "segment_BxT": pad(np.ones(7))}
+  want = nnx.jit(lambda m, h: m.llm_inputs(h))(model, hist)
+  assert sorted(got) == sorted(want)
+  for key in want:
+    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), atol=1e-4,
+                               rtol=1e-4, err_msg=key)
+  mask = np.asarray(got["media_mask_BxM" if mode == "xattn" else "prefix_mask_BxP"])
+  assert mask[0].any() and not mask[1].any()      # the cold row is fully masked
+  if not use_perceiver:
+    assert mask[0].sum() == 7
 
 
 def _state(user, fp, n=5, seed=0):

@@ -199,6 +199,25 @@ def history_inputs(history_batch: Mapping[str, Any]) -> tuple[dict[str, Any], ja
   return batch, valid_BxT
 
 
+def user_tokens_from_encoded(perceiver: Optional[PerceiverResampler], projector: Projector,
+                             item_emb_BxTxE: jax.Array, valid_BxT: jax.Array, *,
+                             dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+  """Perceiver (if any) + projector on per-item encoder outputs: ``(user_BxNxD, mask_BxN)``.
+
+  The one implementation behind :meth:`UserLLM.user_tokens_from_encoded`; a function of the
+  two modules so that a caller can jit it over their state alone (the serving engine).
+  """
+  if perceiver is not None:
+    tokens_BxNxE = perceiver(item_emb_BxTxE, valid_BxT)
+    any_B = jnp.any(valid_BxT, axis=1)
+    mask_BxN = jnp.broadcast_to(any_B[:, None], tokens_BxNxE.shape[:2])
+  else:
+    tokens_BxNxE, mask_BxN = item_emb_BxTxE, valid_BxT
+  user_BxNxD = projector(tokens_BxNxE)
+  user_BxNxD = jnp.where(mask_BxN[..., None], user_BxNxD, 0.0)
+  return user_BxNxD.astype(dtype), mask_BxN
+
+
 class UserLLM(nnx.Module):
   """encoder -> [perceiver] -> projector -> Gemma ('xattn' or 'soft_prompt').
 
@@ -230,15 +249,14 @@ class UserLLM(nnx.Module):
     """
     batch, valid_BxT = history_inputs(history_batch)
     item_emb_BxTxE, _ = self.encoder(batch, deterministic=deterministic, rng=rng)
-    if self.perceiver is not None:
-      tokens_BxNxE = self.perceiver(item_emb_BxTxE, valid_BxT)
-      any_B = jnp.any(valid_BxT, axis=1)
-      mask_BxN = jnp.broadcast_to(any_B[:, None], tokens_BxNxE.shape[:2])
-    else:
-      tokens_BxNxE, mask_BxN = item_emb_BxTxE, valid_BxT
-    user_BxNxD = self.projector(tokens_BxNxE)
-    user_BxNxD = jnp.where(mask_BxN[..., None], user_BxNxD, 0.0)
-    return user_BxNxD.astype(self.gemma.dtype), mask_BxN
+    return self.user_tokens_from_encoded(item_emb_BxTxE, valid_BxT)
+
+  def user_tokens_from_encoded(self, item_emb_BxTxE: jax.Array, valid_BxT: jax.Array
+                               ) -> tuple[jax.Array, jax.Array]:
+    """:meth:`embed_users` after the encoder: ``(user_tokens_BxNxD, mask_BxN)`` from the
+    encoder's per-item outputs (serving runs it on cached outputs)."""
+    return user_tokens_from_encoded(self.perceiver, self.projector, item_emb_BxTxE, valid_BxT,
+                                    dtype=self.gemma.dtype)
 
   def llm_inputs(self, history_batch: Mapping[str, Any], *, deterministic: bool = True,
                  rng: Optional[jax.Array] = None) -> dict[str, jax.Array]:

@@ -46,6 +46,7 @@ from flax import nnx
 from userllm_jax.data import tasks as tasks_lib
 from userllm_jax.eval import trie as trie_lib
 from userllm_jax.models import sampler as sampler_lib
+from userllm_jax.models import userllm as userllm_lib
 from userllm_jax.serving import state as state_lib
 from userllm_jax.serving import store as store_lib
 
@@ -155,7 +156,8 @@ class Engine:
                                           eos_id=eos, pad_id=pad)
     self._tp_has_xattn = bool((tp_llm if tp_llm is not None else model.gemma)
                               .cfg.cross_attention_layers)
-    # user tokens from cached encoder outputs (UserLLM.embed_users without the encoder)
+    # user tokens from cached encoder outputs (UserLLM.embed_users without the encoder),
+    # jitted over the Perceiver's and the projector's state only
     perceiver = model.perceiver
     self.num_user_tokens = (perceiver.cfg.num_latents if perceiver is not None
                             else self.capacity)
@@ -167,13 +169,9 @@ class Engine:
 
     def _user_tokens(states, h_BxCxD, valid_BxC):
       ps_, js_ = states
-      if pg is not None:
-        tokens = nnx.merge(pg, ps_)(h_BxCxD, valid_BxC)
-        mask = jnp.broadcast_to(jnp.any(valid_BxC, axis=1)[:, None], tokens.shape[:2])
-      else:
-        tokens, mask = h_BxCxD, valid_BxC
-      user = nnx.merge(jg, js_)(tokens)
-      return jnp.where(mask[..., None], user, 0.0).astype(llm_dtype), mask
+      return userllm_lib.user_tokens_from_encoded(
+          nnx.merge(pg, ps_) if pg is not None else None, nnx.merge(jg, js_), h_BxCxD,
+          valid_BxC, dtype=llm_dtype)
 
     self._user_tokens = jax.jit(_user_tokens)
     self._locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
@@ -352,6 +350,36 @@ class Engine:
     ser = tasks_lib.serialize_history(items, self.tokenizer, self.config.tp_budget_tokens)
     return f"{tasks_lib.TP_HEADER}{ser.text}\n{prompt}", ser.num_items
 
+  def prompt_ids(self, req: GenerateRequest, st: state_lib.UserState) -> tuple[list[int], int]:
+    """The LLM prompt's token ids (BOS first) for a request and the history items it holds
+    (TP: serialized in the text; User-LLM: the encoder window behind the user tokens)."""
+    if req.method == "tp":
+      text, n_items = self.tp_text(st, req.prompt)
+    else:
+      text, n_items = req.prompt, st.window_len
+    return [self.tokenizer.bos_id] + list(self.tokenizer.encode(text)), n_items
+
+  def prompt_bucket(self, req: GenerateRequest, st: state_lib.UserState) -> int:
+    """The prompt-length bucket the request is decoded in (alone or with shorter ones)."""
+    return _bucket(len(self.prompt_ids(req, st)[0]), self.config.prompt_buckets,
+                   "prompt tokens")
+
+  def user_llm_inputs(self, states: Sequence[state_lib.UserState], batch_size: int
+                      ) -> dict[str, jax.Array]:
+    """The Gemma keyword arguments of :meth:`UserLLM.llm_inputs` for ``states`` (rows past
+    ``len(states)`` up to ``batch_size`` are cold), from the cached window outputs."""
+    C = self.capacity
+    h = np.zeros((batch_size, C, self.inc.cfg.embed_dim), np.float32)
+    valid = np.zeros((batch_size, C), bool)
+    for i, st in enumerate(states):
+      if st.window_len:
+        h[i, :st.window_len] = st.cache["h"]
+        valid[i, :st.window_len] = True
+    user, umask = self._user_tokens(self._bridge_state, jnp.asarray(h), jnp.asarray(valid))
+    if self.mode == "xattn":
+      return {"media_BxMxD": user, "media_mask_BxM": umask}
+    return {"prefix_embeds_BxPxD": user, "prefix_mask_BxP": umask}
+
   def generate_batch(self, reqs: Sequence[GenerateRequest]) -> list[dict[str, Any]]:
     """Decodes one group of requests together (see the module doc)."""
     if not reqs:
@@ -363,38 +391,20 @@ class Engine:
     t0 = time.perf_counter()
     cfg = self.config
     states = [self.load_state(r.user_id) for r in reqs]
-    prompts, info = [], []
-    for r, st in zip(reqs, states):
-      if method == "tp":
-        text, n_items = self.tp_text(st, r.prompt)
-      else:
-        text, n_items = r.prompt, st.window_len
-      prompts.append([self.tokenizer.bos_id] + list(self.tokenizer.encode(text)))
-      info.append(n_items)
+    prompts, info = map(list, zip(*[self.prompt_ids(r, st) for r, st in zip(reqs, states)]))
     n = len(reqs)
     B = _bucket(n, cfg.batch_sizes, "batch size")
     L = _bucket(max(len(p) for p in prompts), cfg.prompt_buckets, "prompt tokens")
     rows = prompts + [prompts[-1]] * (B - n)
     tokens, mask = sampler_lib.pad_prompts(rows, self.tokenizer.pad_id, length=L)
     kw = {}
-    N, D = self.num_user_tokens, self.llm_dim
     if method == "userllm":
-      C = self.capacity
-      h = np.zeros((B, C, self.inc.cfg.embed_dim), np.float32)
-      valid = np.zeros((B, C), bool)
-      for i, st in enumerate(states):
-        if st.window_len:
-          h[i, :st.window_len] = st.cache["h"]
-          valid[i, :st.window_len] = True
-      user, umask = self._user_tokens(self._bridge_state, jnp.asarray(h), jnp.asarray(valid))
-      if self.mode == "xattn":
-        kw = {"media_BxMxD": user, "media_mask_BxM": umask}
-      else:
-        kw = {"prefix_embeds_BxPxD": user, "prefix_mask_BxP": umask}
+      kw = self.user_llm_inputs(states, B)
       sampler = self.sampler
     else:
       sampler = self.tp_sampler
       if self._tp_has_xattn:
+        N, D = self.num_user_tokens, self.llm_dim
         kw = {"media_BxMxD": jnp.zeros((B, N, D), self.model.gemma.dtype),
               "media_mask_BxM": jnp.zeros((B, N), bool)}
     proc = self._processors[task]

@@ -181,10 +181,12 @@ class IncrementalEncoder:
 
   @staticmethod
   def to_host(cache: enc.EncoderCache) -> dict[str, np.ndarray]:
-    w = int(cache.length_B[0])
-    return {"k": np.asarray(cache.k_SxLxBxCxNxH[:, :, 0, :w]),
-            "v": np.asarray(cache.v_SxLxBxCxNxH[:, :, 0, :w]),
-            "h": np.asarray(cache.h_BxCxD[0, :w])}
+    # Whole arrays to the host, then sliced by numpy: a device slice to the window length
+    # would compile an eager program per length, i.e. on nearly every append.
+    w = int(np.asarray(cache.length_B)[0])
+    return {"k": np.asarray(cache.k_SxLxBxCxNxH)[:, :, 0, :w].copy(),
+            "v": np.asarray(cache.v_SxLxBxCxNxH)[:, :, 0, :w].copy(),
+            "h": np.asarray(cache.h_BxCxD)[0, :w].copy()}
 
   # -- encoding ---------------------------------------------------------------------------------
 
