@@ -16,7 +16,8 @@ def _report(tmp_path, *args):
   out = tmp_path / "report.json"
   proc = subprocess.run(
       [sys.executable, "-m", "userllm_jax.train.sharding_report", "--layers=1", "--seq=32",
-       "--target=8", "--hist=8", "--batch=8", "--num_items=1000", f"--json={out}", *args],
+       "--target=8", "--hist=8", "--batch=8", "--num_items=1000", f"--json={out}",
+       "--mesh=2,2,2", *args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
   return proc, (json.loads(out.read_text()) if out.exists() else None)
 

@@ -250,15 +250,18 @@ def format_report(r: Report, title: str = "") -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--devices", type=int, default=8, help="fake CPU devices (before JAX starts)")
-  p.add_argument("--mesh", default="2,2,2", help="data,fsdp,tensor")
+  p.add_argument("--mesh", default="1,4,2",
+                 help="data,fsdp,tensor (default: FSDP 4 x tensor 2, the layout that fits a v5e-8)")
   p.add_argument("--llm", default="gemma3-4b")
   p.add_argument("--layers", type=int, default=0, help="LLM depth override (0 = the preset's)")
   p.add_argument("--strategy", default="full", choices=ul.STRATEGIES)
   p.add_argument("--mode", default="xattn", choices=ul.MODES)
   p.add_argument("--xattn_every", type=int, default=6)
   p.add_argument("--batch", type=int, default=8, help="global batch")
-  p.add_argument("--seq", type=int, default=512, help="LLM tokens per example")
-  p.add_argument("--target", type=int, default=64, help="tokens with a loss (logits computed)")
+  p.add_argument("--seq", type=int, default=128,
+                 help="LLM tokens per example (User-LLM: prompt + answer; the history is "
+                      "in the user tokens, not the prompt)")
+  p.add_argument("--target", type=int, default=32, help="tokens with a loss (logits computed)")
   p.add_argument("--hist", type=int, default=256, help="history items per user")
   p.add_argument("--num_items", type=int, default=100_000)
   p.add_argument("--dtype", default="bfloat16", help="LLM compute dtype (params stay f32)")
