@@ -160,6 +160,17 @@ def test_shards_are_disjoint_and_cover_each_epoch(ds):
     assert sorted(a | b) == eligible
 
 
+def test_two_shards_read_exactly_the_examples_of_one(ds):
+  """Process s of 2 gets rows s, s+2, ... of the 1-process batch, crops included (the crop's
+  rng follows the global element index), so a 2-process job trains on the same examples."""
+  one = next(pipeline.make_train_iterator(ds, max_len=MAX_LEN, batch_size=8, seed=5))
+  for s in range(2):
+    half = next(pipeline.make_train_iterator(ds, max_len=MAX_LEN, batch_size=4, seed=5,
+                                             shard_index=s, shard_count=2))
+    for key, value in one.items():
+      np.testing.assert_array_equal(half[key], value[s::2], err_msg=key)
+
+
 @pytest.mark.parametrize("packing,skip", [(False, 3), (False, 9), (True, 5)])
 def test_resume_is_exact(ds, packing, skip):
   # 16 users / batch 4 = 4 batches per epoch: skip=9 resumes after an epoch

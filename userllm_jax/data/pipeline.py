@@ -5,10 +5,10 @@ Training (:func:`make_train_iterator`)::
   MapDataset.source(users with a usable training part)
     epoch_shuffle(seed)            # a new permutation every epoch (numpy, cached)
     .repeat(num_epochs)            # None = forever
-    [shard_index::shard_count]     # this process's disjoint slice of every epoch
     .random_map(crop)              # seeded random window of max_len+1 items of the
                                    # user's training part (leave-one-out: all but
                                    # the last two); inputs = w[:-1], targets = w[1:]
+    [shard_index::shard_count]     # this process's disjoint slice of every epoch
     .to_iter_dataset()
     -> pad to max_len  |  FirstFitPackIterDataset (packing=True)
     .batch(batch_size, drop_remainder=True)
@@ -381,9 +381,11 @@ def make_train_dataset(prepared, *, max_len: int, batch_size: int, seed: int,
   ds = grain.MapDataset.source(_UserSubset(prepared, users, cache=cache,
                                            fields=("item", "rating", "timegap")))
   ds = epoch_shuffle(ds, seed).repeat(num_epochs)
-  ds = ds[shard_index::shard_count]
+  # The crop's rng is per element index: crop first, then slice, so global element i gets the
+  # same window whatever the process count (2 processes read exactly the examples of 1).
   if packing:
     ds = ds.random_map(_TrainCrop(prepared.item_genres, max_len), seed=seed)
+    ds = ds[shard_index::shard_count]
     if read_options is None:
       read_options = grain.ReadOptions(
           num_threads=min(4, os.cpu_count() or 1),
@@ -403,6 +405,7 @@ def make_train_dataset(prepared, *, max_len: int, batch_size: int, seed: int,
     # The examples are the same as crop -> to_iter_dataset -> pad -> batch (random_map's
     # rng is per element index either way).
     ds = ds.random_map(_TrainCropPad(prepared.item_genres, max_len), seed=seed)
+    ds = ds[shard_index::shard_count]
     ds = ds.batch(batch_size, drop_remainder=True,
                   batch_fn=_StackToBatch(prepared.item_genres))
     if read_options is None:
