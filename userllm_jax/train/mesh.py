@@ -203,6 +203,21 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def host_to_global(x, mesh) -> jax.Array:
+  """A host array that every process holds whole -> a global array on ``mesh``.
+
+  The leading (batch) dimension is split over ``('data', 'fsdp')`` when they divide it, else
+  the array is replicated; each process fills only its own devices' rows from ``x``, so
+  nothing crosses hosts.  For inputs every process builds identically (evaluation batches);
+  training batches, of which each process reads its own part, use
+  ``jax.make_array_from_process_local_data``.
+  """
+  x = np.asarray(x)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  spec = P(BATCH_AXES) if x.ndim and x.shape[0] % dp == 0 else P()
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
+
+
 def shard_model(model: nnx.Module, mesh, *, rules=LOGICAL_RULES) -> nnx.Module:
   """Place ``model``'s variables on ``mesh`` by the rules (in place); returns it."""
   state = nnx.state(model)
