@@ -123,6 +123,16 @@ def test_strided_rule_carries_global_position():
                                 layout="strided")
 
 
+def test_replicated_state_is_the_global_batch_position():
+  """Stage 2's stream: every process iterates the same global batches (keeping its rows)."""
+  saved = {0: {"next_index": 7}, 1: {"next_index": 7}}
+  assert ckpt_lib.reshard_data_state(saved, 0, 1, layout="replicated") == {"next_index": 7}
+  assert ckpt_lib.reshard_data_state(saved, 2, 4, layout="replicated") == {"next_index": 7}
+  with pytest.raises(ckpt_lib.DataTopologyError, match="saved states differ"):
+    ckpt_lib.reshard_data_state({0: {"next_index": 7}, 1: {"next_index": 6}}, 0, 1,
+                                layout="replicated")
+
+
 def test_elastic_state_is_shared_by_all_processes():
   saved = {i: {"global_next_index": 96} for i in range(4)}
   assert ckpt_lib.reshard_data_state(saved, 1, 2, layout=None) == {"global_next_index": 96}

@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 from userllm_jax.data import tasks as tasks_lib
+from userllm_jax.train import checkpoint as ckpt_lib
 
 DEFAULT_MAX_REVIEW_TOKENS = 64
 
@@ -89,7 +90,7 @@ def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequ
 
   Every process tokenizes the same examples and shuffles them with the same seed, then
   takes every ``process_count``-th batch row: the global batch of ``batch_size`` rows is
-  exactly the single-process batch, split over processes.  ``train.batch_by_task``
+  the single-process batch (its rows reordered), split over processes.  ``train.batch_by_task``
   (default True): one task per batch, padded to that task's longest target
   (``tasks.stage2_dataset``).
   """
@@ -106,4 +107,6 @@ def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequ
   if nproc > 1:
     pid = jax.process_index()
     ds = ds.map(lambda b: {k: v[pid::nproc] for k, v in b.items()})
-  return iter(ds)
+  # The position (global batches taken) is the same on every process and on any process
+  # count: a checkpoint resumes on another number of processes (train/checkpoint.py).
+  return ckpt_lib.set_shard_layout(iter(ds), ckpt_lib.REPLICATED)

@@ -37,6 +37,10 @@ or recognised from Grain's own state):
   continue at global position ``N*n`` -- nothing lost and nothing repeated within
   an epoch (epoch boundaries are positions of the global order, so they hold too).
   ``N*n`` must divide by M; it always does when the new global batch divides by M.
+* ``"replicated"``: every process iterates the same global batches and keeps its own
+  rows of each (``stage2/examples.training_stream``); the state (the number of global
+  batches taken) is the same in every process and means the same on any process count:
+  every process restores it.
 * anything else (packing buffers, ``mp_prefetch`` worker states, an undeclared
   iterator): :class:`DataTopologyError` naming both process counts and the ways
   forward (restore on N processes, or use an elastic/strided pipeline).
@@ -109,15 +113,17 @@ class DataTopologyError(RuntimeError):
 
 ELASTIC = "elastic"
 STRIDED = "strided"
+REPLICATED = "replicated"
 _LAYOUT_ATTR = "_userllm_shard_layout"
 _STATE_FILE = re.compile(r"^process_(\d+)-of-(\d+)\.json$")
 
 
 def set_shard_layout(iterator, layout: str):
   """Declares how ``iterator`` shards its data over processes (see the module doc);
-  returns ``iterator``. ``layout`` is ``"strided"`` or ``"elastic"``."""
-  if layout not in (ELASTIC, STRIDED):
-    raise ValueError(f"layout must be {ELASTIC!r} or {STRIDED!r}, got {layout!r}")
+  returns ``iterator``. ``layout`` is ``"strided"``, ``"elastic"`` or ``"replicated"``."""
+  if layout not in (ELASTIC, STRIDED, REPLICATED):
+    raise ValueError(f"layout must be {ELASTIC!r}, {STRIDED!r} or {REPLICATED!r}, got "
+                     f"{layout!r}")
   setattr(iterator, _LAYOUT_ATTR, layout)
   return iterator
 
@@ -144,6 +150,11 @@ def reshard_data_state(states: dict[int, Any], new_index: int, new_count: int, *
       raise DataTopologyError(f"{head}, but the saved global positions differ "
                               f"({sorted({s['global_next_index'] for s in values})}). {ways}")
     return dict(values[0])
+  if layout == REPLICATED:
+    if any(s != values[0] for s in values):
+      raise DataTopologyError(f"{head}, but the saved states differ ({values}); the "
+                              f"{REPLICATED!r} layout needs one global position. {ways}")
+    return values[0]
   if layout == STRIDED and all(isinstance(s, dict) and set(s) == {"next_index"}
                                for s in values):
     per = {s["next_index"] for s in values}
