@@ -4,9 +4,12 @@ prompt on the real task streams, evaluation with beam search and the genre trie)
 2 processes x 4 CPU devices (``jax.distributed`` on 127.0.0.1) and as 1 process x 8 devices,
 both on the mesh data=2, fsdp=2, tensor=2.
 
-Default run (~5 minutes on 2 busy cores, both layouts at once): losses step by step (stage 1
+Default run (~5-9 minutes on 2 busy cores, both layouts at once): losses step by step (stage 1
 and stage 2, float tolerance), final parameters of both stages (float tolerance) and every
-evaluation metric (equal) of the 2-process run match the 1-process run.
+evaluation metric (equal) of the 2-process run match the 1-process run.  Then (~2-3 minutes)
+preemption during evaluation: the 1 x 8 job gets SIGTERM while it evaluates the method ->
+exit status 0, no results written; the re-run reuses stage 1 and the method's training (no
+training step, no stage-1 evaluation again) and writes the uninterrupted run's results.
 
 ``@pytest.mark.slow`` (``--runslow``; ~8 more minutes): the 2-process run is SIGKILLed (one
 process) after its stage-2 checkpoint, both processes are restarted and finish with the
@@ -165,10 +168,15 @@ def test_sigkill_and_restart_then_resume_on_one_process(layouts, tmp_path):
   ckpt5 = work / METHOD / "checkpoints" / "5"
   pair = spawn_pair(work, tmp_path / "run1", extra=["--config.train.ckpt_every=5"])
   deadline = time.time() + 900
-  while not ckpt5.is_dir():      # Orbax renames the finished step directory into place
-    assert time.time() < deadline, tail(tmp_path / "run1.0.log")
-    assert pair[0].poll() is None, f"ended before the checkpoint:\n{tail(tmp_path / 'run1.0.log')}"
-    time.sleep(0.2)
+  try:
+    while not ckpt5.is_dir():      # Orbax renames the finished step directory into place
+      assert time.time() < deadline, tail(tmp_path / "run1.0.log")
+      assert pair[0].poll() is None, f"ended before the checkpoint:\n{tail(tmp_path / 'run1.0.log')}"
+      time.sleep(0.2)
+  finally:
+    if not ckpt5.is_dir():
+      for p in pair:
+        p.kill()
   pair[1].send_signal(signal.SIGKILL)
   pair[1].wait()
   # process 0 cannot go on without its peer: it errors or blocks in a collective
@@ -191,3 +199,34 @@ def test_sigkill_and_restart_then_resume_on_one_process(layouts, tmp_path):
   assert f"resumed from step {steps[-1]}" in tail(tmp_path / "run2.0.log", 10**7)
   assert_same_run(work, layouts / "p2x4")
   assert_same_run(copy, layouts / "p2x4")
+
+
+def test_sigterm_during_evaluation_then_rerun_gives_the_uninterrupted_results(layouts, tmp_path):
+  work = tmp_path / "work"
+  job = spawn(work, tmp_path / "run1.log", devices=8)
+  try:
+    deadline = time.time() + 900
+    # The progress bar of the method's first task: it is being evaluated (the first batch
+    # compiles for seconds; the stop comes before the next batch).
+    while f"{METHOD}/fav_genre/h" not in tail(tmp_path / "run1.log", 10**7):
+      assert job.poll() is None, f"ended before its evaluation:\n{tail(tmp_path / 'run1.log')}"
+      assert time.time() < deadline
+      time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=300) == 0, tail(tmp_path / "run1.log")
+  finally:
+    if job.poll() is None:
+      job.kill()
+  log1 = tail(tmp_path / "run1.log", 10**7)
+  assert f"preempted evaluating {METHOD}" in log1
+  assert not (work / METHOD / "results.json").exists() and not (work / "results.json").exists()
+  assert (work / METHOD / "train_info.json").exists()
+  rerun = spawn(work, tmp_path / "run2.log", devices=8)
+  assert wait([rerun]) == [0], tail(tmp_path / "run2.log")
+  log2 = tail(tmp_path / "run2.log", 10**7)
+  assert "results are there; not evaluating again" in log2             # stage 1 reused
+  assert f"resumed from step {STEPS2}" in log2 and "step 0/" not in log2  # nothing retrained
+  assert f"{METHOD}: trained before (step {STEPS2})" in log2
+  a, b = eval_metrics(work), eval_metrics(layouts / "p1x8")
+  assert a.keys() == b.keys() and any("genre_accuracy" in k for k in a)
+  assert a == b, {k: (a[k], b[k]) for k in a if a[k] != b[k]}

@@ -2,16 +2,13 @@
 
 In-process: the scope turns SIGTERM into a flag for its whole block (not only while a model
 trains), nested scopes share it, and the train loop stops at its next step boundary with a
-checkpoint and exit status 0.
+checkpoint and exit status 0.  Two processes (the toy model of tests/_train_worker.py): a
+SIGTERM to one of them stops both at the same step (JAX's preemption sync point).
 
-Through the real entry point (``python -m userllm_jax.main``, the tiny User-LLM job, 1 CPU
-device; ~3 minutes here): SIGTERM while the first method is being evaluated -> exit status 0,
-no results written; the re-run reuses stage 1 and the method's training (nothing trained or
-evaluated twice but the interrupted evaluation) and writes the results.json of an
-uninterrupted run, which runs beside it.
+SIGTERM during the evaluation of the tiny User-LLM job through ``python -m userllm_jax.main``
+is tested in tests/test_main_distributed.py (it reuses that module's uninterrupted run).
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +16,7 @@ import sys
 import time
 
 import jax
-import numpy as np
+import portpicker
 import pytest
 
 from userllm_jax.train import loop
@@ -30,9 +27,6 @@ import _train_worker as tw
 import test_main_distributed as tmd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHOD = "userllm_soft_prompt"
-ARGS = ["--config=configs/userllm_movielens_100k.py:tiny", "--config.encoder.train.steps=20",
-        "--config.train.steps=20", "--config.tasks.num_test_users=40"]
 
 
 def test_scope_turns_sigterm_into_a_stop_request_for_its_whole_block():
@@ -66,46 +60,28 @@ def test_train_loop_stops_at_the_next_step_with_a_checkpoint(tmp_path):
   assert res.start_step == 1 and res.step == 6
 
 
-def _spawn(workdir, log):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
-  return subprocess.Popen([sys.executable, "-m", "userllm_jax.main", f"--workdir={workdir}",
-                           *ARGS], cwd=REPO, env=env, stdout=open(log, "w"),
-                          stderr=subprocess.STDOUT)
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+  """Multi-process: JAX's preemption sync point (train/preemption.py) -- SIGTERM to process 0
+  only; both processes checkpoint the same step and exit 0, and the checkpoint resumes."""
+  port = portpicker.pick_unused_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+
+  def worker(i, extra=()):
+    return subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "_train_worker.py"),
+         f"--workdir={tmp_path}/w", f"--out={tmp_path}/out.json", "--mesh=2,4,1", "--steps=40",
+         "--num_processes=2", f"--process_id={i}", f"--port={port}", *extra],
+        cwd=REPO, env=env, stdout=open(tmp_path / f"p{i}.log", "w"), stderr=subprocess.STDOUT)
+
+  procs = [worker(0, ["--sigterm_at=3"]), worker(1)]
+  assert tmd.wait(procs, timeout=600) == [0, 0], _log(tmp_path / "p0.log")[-3000:]
+  steps = os.listdir(tmp_path / "w" / "checkpoints")
+  assert len(steps) == 1 and 3 < int(steps[0]) < 40, steps
+  for i in range(2):
+    assert f"preempted: checkpoint of step {steps[0]} written" in _log(tmp_path / f"p{i}.log")
 
 
 def _log(path):
   with open(path) as f:
     return f.read()
-
-
-def test_sigterm_during_evaluation_then_rerun_gives_the_uninterrupted_results(tmp_path):
-  work, ref = tmp_path / "work", tmp_path / "ref"
-  reference = _spawn(ref, tmp_path / "ref.log")
-  job = _spawn(work, tmp_path / "run1.log")
-  deadline = time.time() + 900
-  # The evaluation's progress bar for the method: it is being evaluated (the first batch
-  # compiles for seconds; the stop comes at the next batch).
-  while f"{METHOD}/" not in _log(tmp_path / "run1.log"):
-    assert job.poll() is None, f"ended before its evaluation:\n{_log(tmp_path / 'run1.log')[-3000:]}"
-    assert time.time() < deadline
-    time.sleep(0.1)
-  job.send_signal(signal.SIGTERM)
-  assert job.wait(timeout=300) == 0, _log(tmp_path / "run1.log")[-3000:]
-  log1 = _log(tmp_path / "run1.log")
-  assert f"preempted evaluating {METHOD}" in log1
-  assert not (work / METHOD / "results.json").exists() and not (work / "results.json").exists()
-  assert (work / METHOD / "train_info.json").exists()
-
-  rerun = _spawn(work, tmp_path / "run2.log")
-  assert tmd.wait([rerun, reference]) == [0, 0], _log(tmp_path / "run2.log")[-3000:]
-  log2 = _log(tmp_path / "run2.log")
-  assert "results are there; not evaluating again" in log2           # stage 1 reused
-  assert "resumed from step 20" in log2 and "step 0/20" not in log2   # nothing retrained
-  assert f"{METHOD}: trained before (step 20)" in log2
-  a, b = tmd.eval_metrics(work), tmd.eval_metrics(ref)
-  assert a.keys() == b.keys() and any("genre_accuracy" in k for k in a)
-  diff = {k: (a[k], b[k]) for k in a if not np.isclose(a[k], b[k], rtol=1e-6, atol=0)}
-  assert not diff, diff
-  with open(work / "results.json") as f, open(ref / "results.json") as g:
-    assert json.load(f)["stage1"]["test"] == json.load(g)["stage1"]["test"]
