@@ -235,7 +235,15 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
 
     latest = checkpointer.latest_step()
     if latest is not None:
-      state = checkpointer.restore(latest, saved_part(abs_state_sh), data_ckpt)
+      try:
+        state = checkpointer.restore(latest, saved_part(abs_state_sh), data_ckpt)
+      except ckpt_lib.DataTopologyError as e:
+        if latest < total_steps:
+          raise
+        # A finished training reads no more data: it resumes on any process count.
+        logging.warning("%s -- training is finished (step %d), so no data position is needed",
+                        e, latest)
+        state = checkpointer.restore(latest, saved_part(abs_state_sh), None)
       if not save_frozen:
         state["frozen"] = jax.jit(lambda: init_fn()["frozen"],
                                   out_shardings=state_sh["frozen"])()
