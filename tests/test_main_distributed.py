@@ -101,7 +101,9 @@ def eval_metrics(workdir):
 
   def walk(x, key):
     name = key.split("/")[-1]
-    if name.endswith(timing) or name in ("timings", "compile", "dir"):
+    # Run records, not results: timings, and XLA's FLOP count of the first batch shape this
+    # run compiled (a restarted run starts on another batch, of another shape).
+    if name.endswith(timing) or name in ("timings", "compile", "dir", "compiled_step_flops"):
       return
     if isinstance(x, dict):
       for k, v in x.items():
