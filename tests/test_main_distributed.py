@@ -11,10 +11,11 @@ preemption during evaluation: the 1 x 8 job gets SIGTERM while it evaluates the 
 exit status 0, no results written; the re-run reuses stage 1 and the method's training (no
 training step, no stage-1 evaluation again) and writes the uninterrupted run's results.
 
-``@pytest.mark.slow`` (``--runslow``; ~8 more minutes): the 2-process run is SIGKILLed (one
-process) after its stage-2 checkpoint, both processes are restarted and finish with the
-uninterrupted run's results; the checkpoint taken at the kill also finishes on 1 process x 8
-devices with the same results.
+``@pytest.mark.slow`` (``--runslow``): the 2-process run is SIGKILLed (one process) after its
+stage-2 checkpoint, both processes are restarted and finish with the uninterrupted run's
+results; the checkpoint taken at the kill also finishes on 1 process x 8 devices with the same
+results (~10 minutes here).  And the encoder job on its own (configs/encoder_movielens_100k.py
+:tiny, ml-100k) as 2 x 4 and 1 x 8: the same losses, parameters and metrics.
 """
 
 import json
@@ -44,10 +45,15 @@ ARGS = ["--config=configs/userllm_movielens_100k.py:tiny",
         "--config.tasks.num_test_users=20", "--config.tasks.history_lengths=(12,)"] + MESH
 
 
-def spawn(workdir, log, *, devices, process_id=None, port=None, extra=()):
+ENCODER_ARGS = ["--config=configs/encoder_movielens_100k.py:tiny", "--config.train.log_every=1",
+                "--config.train.steps=8"] + [f"--config.mesh.{a}=2" for a in ("data", "fsdp",
+                                                                                "tensor")]
+
+
+def spawn(workdir, log, *, devices, process_id=None, port=None, extra=(), args=ARGS):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  cmd = [sys.executable, "-m", "userllm_jax.main", f"--workdir={workdir}", *ARGS, *extra]
+  cmd = [sys.executable, "-m", "userllm_jax.main", f"--workdir={workdir}", *args, *extra]
   if process_id is not None:
     cmd += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
             f"--process_id={process_id}"]
@@ -55,10 +61,10 @@ def spawn(workdir, log, *, devices, process_id=None, port=None, extra=()):
                           stderr=subprocess.STDOUT)
 
 
-def spawn_pair(workdir, log_prefix, extra=()):
+def spawn_pair(workdir, log_prefix, extra=(), args=ARGS):
   port = portpicker.pick_unused_port()
   return [spawn(workdir, f"{log_prefix}.{i}.log", devices=4, process_id=i, port=port,
-                extra=extra) for i in range(2)]
+                extra=extra, args=args) for i in range(2)]
 
 
 def wait(procs, timeout=900):
@@ -232,3 +238,24 @@ def test_sigterm_during_evaluation_then_rerun_gives_the_uninterrupted_results(la
   a, b = eval_metrics(work), eval_metrics(layouts / "p1x8")
   assert a.keys() == b.keys() and any("genre_accuracy" in k for k in a)
   assert a == b, {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+@pytest.mark.slow
+def test_encoder_job_two_processes_equal_one_process(tmp_path):
+  """``configs/encoder_movielens_100k.py:tiny`` (ml-100k, the real pretraining pipeline) as
+  2 x 4 and 1 x 8 devices on data=2, fsdp=2, tensor=2."""
+  procs = spawn_pair(tmp_path / "p2x4", tmp_path / "p2x4", args=ENCODER_ARGS) + [
+      spawn(tmp_path / "p1x8", tmp_path / "p1x8.log", devices=8, args=ENCODER_ARGS)]
+  assert wait(procs) == [0, 0, 0], [tail(tmp_path / f) for f in ("p2x4.0.log", "p1x8.log")]
+  la, lb = losses(tmp_path / "p2x4"), losses(tmp_path / "p1x8")
+  assert len(la) == len(lb) == 8
+  np.testing.assert_allclose(la, lb, rtol=2e-5)
+  (sa, pa), (sb, pb) = (checkpoint_params(tmp_path / w / "checkpoints") for w in ("p2x4", "p1x8"))
+  assert sa == sb == 8
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), pa, pb)
+  with open(tmp_path / "p2x4" / "results.json") as f, open(tmp_path / "p1x8" / "results.json") as g:
+    ra, rb = json.load(f), json.load(g)
+  assert ra["processes"] == 2 and rb["processes"] == 1
+  for split in ("valid", "test"):
+    for k, v in rb[split]["model"].items():
+      np.testing.assert_allclose(ra[split]["model"][k], v, rtol=1e-6, err_msg=f"{split} {k}")

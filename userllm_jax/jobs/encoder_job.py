@@ -262,15 +262,19 @@ def train_and_evaluate(config, workdir: str):
   logging.info("input pipeline: %d Grain worker processes (data.worker_count=%s, %d CPUs), "
                "device prefetch %s", workers, _get(config.data, "worker_count", -1),
                pipeline.available_cpus(), _get(config.train, "prefetch", 2))
+  # This process's block of rows of every global batch, where the mesh puts its devices: the
+  # global batch is the 1-process batch row for row on any process count.
+  block, blocks = (mesh_lib.process_batch_block(mesh, global_bs) if jax.process_count() > 1
+                   else (0, 1))
   train_iter = pipeline.make_train_iterator(
-      prepared, max_len=ecfg.max_len, batch_size=global_bs // jax.process_count(),
+      prepared, max_len=ecfg.max_len, batch_size=global_bs // blocks,
       seed=int(_get(config, "seed", 0)), packing=bool(_get(config.data, "packing", False)),
-      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      shard_index=block, shard_count=blocks,
       worker_count=workers,
       worker_buffer_size=int(_get(config.data, "worker_buffer_size", 2)))
   if not _get(config.data, "packing", False) and not workers:
-    # ds[i::N] of one global order: the data position survives a change of process count.
-    ckpt_lib.set_shard_layout(train_iter, ckpt_lib.STRIDED)
+    # Its position (global batches taken) is every process's and holds on any process count.
+    ckpt_lib.set_shard_layout(train_iter, ckpt_lib.REPLICATED)
 
   eval_cfg = _get(config, "eval", None)
   periodic = None

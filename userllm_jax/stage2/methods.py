@@ -210,9 +210,12 @@ def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequenc
   train_cfg = ml_collections.ConfigDict(spec.train.to_dict())
   if steps is not None:
     train_cfg.steps = int(steps)
+  if mesh is None:
+    from userllm_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    mesh = mesh_lib.make_mesh(config.get("mesh", None))
   stream = examples_lib.training_stream(config, train_examples, prompts, tokenizer,
                                         max_prompt_tokens=spec.max_prompt_tokens,
-                                        batch_size=int(train_cfg.batch_size))
+                                        batch_size=int(train_cfg.batch_size), mesh=mesh)
   target_len, _ = examples_lib.target_budgets(config)
   t0 = time.time()
   method_dir = paths.join(workdir, spec.name)
