@@ -22,7 +22,10 @@ Fields (read by jobs/encoder_job.py, train/loop.py, train/optim.py, train/mesh.p
   data.max_len            history length T (training crop = T+1; eval = last T items)
   data.batch_size         global batch (train.batch_size wins when set)
   data.packing            pack several users per row (segment ids) instead of padding
-  data.worker_count       Grain worker processes (0 = in-process)
+  data.worker_count       Grain worker processes (0 = in-process; -1 = auto: 0 below 4 CPUs,
+                          else half the CPUs, at most 16: data/pipeline.resolve_worker_count).
+                          With workers the data position cannot move to another process
+                          count (train/checkpoint.py says so); set 0 to keep that
   model.*                 models/encoder.py EncoderConfig (vocab sizes come from data):
                           features, embed_dim, num_layers, num_heads, mlp_dim, dropout,
                           emb_dropout, position ('learned'|'rotary'|'none'), fusion

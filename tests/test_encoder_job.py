@@ -4,6 +4,7 @@ reported metrics equal a brute-force numpy ranking of the trained model's scores
 
 import json
 import math
+import os
 
 import jax
 import ml_collections
@@ -88,10 +89,11 @@ def test_encoder_job_end_to_end_and_resume(tmp_path):
     np.testing.assert_allclose(kept["mrr"], np.mean(1.0 / ref_kept), rtol=1e-6)
     assert saved[split]["popularity_seen_kept"]["mrr"] <= pop["mrr"]
 
-  # rerun in the same workdir: resumes at the end, same evaluation
+  # rerun in the same workdir: resumes at the last step and reuses the results (a finished
+  # stage 1 is not evaluated again; the User-LLM job's re-run after a preemption relies on it)
+  mtime = os.path.getmtime(f"{work}/results.json")
   again = encoder_job.run(cfg, work)
-  assert again["train"]["resumed_from"] == 6 and again["train"]["first_loss"] is None
-  assert again["test"]["model"] == saved["test"]["model"]
+  assert again == saved and os.path.getmtime(f"{work}/results.json") == mtime
 
 
 @pytest.mark.slow

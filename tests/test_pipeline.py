@@ -160,6 +160,19 @@ def test_shards_are_disjoint_and_cover_each_epoch(ds):
     assert sorted(a | b) == eligible
 
 
+def test_two_shards_read_exactly_the_examples_of_one(ds):
+  """Process s of 2 gets block s (rows 4s .. 4s+3) of the 1-process batch, crops included (the
+  crop's rng follows the global element index), over epochs: the processes' batches side by
+  side are the 1-process batch, row for row."""
+  one = take(pipeline.make_train_iterator(ds, max_len=MAX_LEN, batch_size=8, seed=5), 5)
+  for s in range(2):
+    halves = take(pipeline.make_train_iterator(ds, max_len=MAX_LEN, batch_size=4, seed=5,
+                                               shard_index=s, shard_count=2), 5)
+    for full, half in zip(one, halves):
+      for key, value in full.items():
+        np.testing.assert_array_equal(half[key], value[4 * s:4 * s + 4], err_msg=key)
+
+
 @pytest.mark.parametrize("packing,skip", [(False, 3), (False, 9), (True, 5)])
 def test_resume_is_exact(ds, packing, skip):
   # 16 users / batch 4 = 4 batches per epoch: skip=9 resumes after an epoch

@@ -123,6 +123,16 @@ def test_strided_rule_carries_global_position():
                                 layout="strided")
 
 
+def test_replicated_state_is_the_global_batch_position():
+  """Stage 2's stream: every process iterates the same global batches (keeping its rows)."""
+  saved = {0: {"next_index": 7}, 1: {"next_index": 7}}
+  assert ckpt_lib.reshard_data_state(saved, 0, 1, layout="replicated") == {"next_index": 7}
+  assert ckpt_lib.reshard_data_state(saved, 2, 4, layout="replicated") == {"next_index": 7}
+  with pytest.raises(ckpt_lib.DataTopologyError, match="saved states differ"):
+    ckpt_lib.reshard_data_state({0: {"next_index": 7}, 1: {"next_index": 6}}, 0, 1,
+                                layout="replicated")
+
+
 def test_elastic_state_is_shared_by_all_processes():
   saved = {i: {"global_next_index": 96} for i in range(4)}
   assert ckpt_lib.reshard_data_state(saved, 1, 2, layout=None) == {"global_next_index": 96}
@@ -138,3 +148,27 @@ def test_no_rule_is_a_clear_error_naming_both_counts(state, layout):
   msg = str(err.value)
   assert "saved by 2 processes and is restored on 1" in msg
   assert "resume on 2 processes" in msg and "model" not in msg
+
+
+def test_finished_training_resumes_on_another_process_count_without_a_data_rule(tmp_path):
+  """A 2-process checkpoint of an iterator with no shard layout (no rule carries its position)
+  resumes on 1 process when training is finished (no more data is read); a run that still has
+  steps to go gets the DataTopologyError naming both process counts."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from userllm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from userllm_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  kw = dict(build_model=tw.build_model, loss_fn=tw.tiny_loss, mesh=mesh)
+  loop.run_training(tw.make_config(steps=3), str(tmp_path), train_iter=tw.make_iterator(8),
+                    **kw)
+  data = tmp_path / "checkpoints" / "3" / "data"
+  state = (data / "process_0-of-1.json").read_text()
+  (data / "process_0-of-1.json").unlink()
+  for i in range(2):     # as if written by 2 processes
+    (data / f"process_{i}-of-2.json").write_text(state)
+  res = loop.run_training(tw.make_config(steps=3), str(tmp_path),
+                          train_iter=tw.make_iterator(8), **kw)
+  assert res.start_step == res.step == 3
+  with pytest.raises(ckpt_lib.DataTopologyError, match="saved by 2 processes and is restored on 1"):
+    loop.run_training(tw.make_config(steps=5), str(tmp_path), train_iter=tw.make_iterator(8),
+                      **kw)

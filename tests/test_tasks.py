@@ -228,3 +228,32 @@ def test_genre_on_every_item_is_not_a_favourite():
                      genre_names=["<pad>", "<oov>", "Drama", "Comedy"],
                      rating_names=["<pad>", "<oov>"])
   assert ml.uninformative_genres == frozenset()
+
+
+def test_stage2_stream_row_blocks_over_processes_at_one_global_position(monkeypatch):
+  """stage2/examples.training_stream: process i of N keeps block i of the rows of the global
+  batch of the 1-process stream (without a mesh: block process_index), and its position means
+  the same on any process count (shard layout 'replicated', train/checkpoint.py)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from userllm_jax.stage2 import examples as examples_lib  # pylint: disable=g-import-not-at-top
+  from userllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  cat = _catalog()
+  data = [_record([2, 3, 4, 5, 6, 7]), _record([3, 4, 2, 5]), _record([6, 7, 2])]
+  exs = tasks.build_examples(data, range(3), "fav_genre", cat, split="test", window=4)
+  tok = tasks.WordTokenizer(TITLES + GENRES + [exs[0].prompt])
+  cfg = ml_collections.ConfigDict(dict(seed=0, max_target_tokens=4, train=dict(),
+                                       tasks=dict(names=("fav_genre",))))
+  streams = {}
+  for count, index in ((1, 0), (2, 0), (2, 1)):
+    monkeypatch.setattr(jax, "process_count", lambda c=count: c)
+    monkeypatch.setattr(jax, "process_index", lambda i=index: i)
+    streams[count, index] = examples_lib.training_stream(
+        cfg, exs, [e.prompt for e in exs], tok, max_prompt_tokens=12, batch_size=2)
+  assert ckpt_lib.shard_layout(streams[2, 1]) == ckpt_lib.REPLICATED
+  for _ in range(4):
+    one, p0, p1 = (next(streams[k]) for k in ((1, 0), (2, 0), (2, 1)))
+    for key in one:
+      np.testing.assert_array_equal(p0[key], one[key][:1], err_msg=key)
+      np.testing.assert_array_equal(p1[key], one[key][1:], err_msg=key)
+  assert streams[2, 0].get_state() == streams[2, 1].get_state() == streams[1, 0].get_state()

@@ -53,7 +53,7 @@ def data_section(name: str, *, source: str = "", max_len: int = 50,
   domain, settings, _ = DATASETS[name]
   return ConfigDict(dict(name=name, source=source, dir="", domain=domain,
                          settings=ConfigDict(dict(settings)), max_len=max_len,
-                         batch_size=batch_size, packing=False, worker_count=0))
+                         batch_size=batch_size, packing=False, worker_count=-1))
 
 
 def encoder_model(embed_dim: int = 64, num_layers: int = 2, num_heads: int = 2,

@@ -10,7 +10,9 @@ text-prompt baseline).  Every job writes ``DIR/results.json``.
 Multi-host: pass ``--coordinator_address``, ``--num_processes`` and
 ``--process_id`` (or ``--distributed=auto`` on Cloud TPU / Slurm, where JAX
 detects them) and ``jax.distributed.initialize`` runs before anything touches
-a device.  Nothing else lives here.
+a device.  The job runs inside one preemption scope (``train/preemption.py``): a
+SIGTERM at any moment stops it at the next safe point with exit status 0.  Nothing
+else lives here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ml_collections import config_flags
 
 from userllm_jax import paths
 from userllm_jax.jobs import JOBS
+from userllm_jax.train import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).", lock_config=True)
@@ -67,7 +70,8 @@ def main(argv):
   paths.makedirs(workdir)      # a local directory or an object-store URI (gs://bucket/run)
   logging.info("job=%s workdir=%s", job, workdir)
   module = importlib.import_module(JOBS[job])
-  module.run(config, workdir)
+  with preemption.scope():
+    module.run(config, workdir)
 
 
 if __name__ == "__main__":

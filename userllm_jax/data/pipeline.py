@@ -5,10 +5,12 @@ Training (:func:`make_train_iterator`)::
   MapDataset.source(users with a usable training part)
     epoch_shuffle(seed)            # a new permutation every epoch (numpy, cached)
     .repeat(num_epochs)            # None = forever
-    [shard_index::shard_count]     # this process's disjoint slice of every epoch
     .random_map(crop)              # seeded random window of max_len+1 items of the
                                    # user's training part (leave-one-out: all but
                                    # the last two); inputs = w[:-1], targets = w[1:]
+    shard                          # this process's block (of batch_size rows) of
+                                   # every global batch (BlockShardMapDataset);
+                                   # packing: [shard_index::shard_count]
     .to_iter_dataset()
     -> pad to max_len  |  FirstFitPackIterDataset (packing=True)
     .batch(batch_size, drop_remainder=True)
@@ -256,6 +258,38 @@ def epoch_shuffle(ds, seed: int):
   return EpochPermutationMapDataset(ds, seed=seed)
 
 
+class BlockShardMapDataset(grain.MapDataset):
+  """Process ``index`` of ``count``'s rows of every global batch of ``count * block`` examples.
+
+  Element ``n`` of this shard is element ``(n // block) * count * block + index * block +
+  n % block`` of the parent: batched by ``block``, the shard's batch ``k`` is block ``index``
+  of global batch ``k``, so the processes' batches, laid side by side in block order, are
+  exactly the 1-process batch (row order included: per-row randomness such as dropout sees
+  the same example in the same row on any process count).
+  """
+
+  def __init__(self, parent, *, index: int, count: int, block: int):
+    super().__init__(parent)
+    self._index, self._count, self._block = int(index), int(count), int(block)
+
+  def __len__(self) -> int:
+    full, rest = divmod(len(self._parent), self._count * self._block)
+    return full * self._block + max(0, min(self._block, rest - self._index * self._block))
+
+  def __str__(self) -> str:
+    return (f"BlockShardMapDataset(index={self._index}, count={self._count}, "
+            f"block={self._block})")
+
+  def _global(self, n: int) -> int:
+    k, r = divmod(int(n), self._block)
+    return (k * self._count + self._index) * self._block + r
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._global(index)]
+
+
 # Fields the training crop emits and the packer packs; genres are gathered
 # from item_genres once per batch (cheaper than packing [L, G] arrays).
 TRAIN_FIELDS = ("item", "rating", "timegap", "target_item", "target_rating")
@@ -381,9 +415,11 @@ def make_train_dataset(prepared, *, max_len: int, batch_size: int, seed: int,
   ds = grain.MapDataset.source(_UserSubset(prepared, users, cache=cache,
                                            fields=("item", "rating", "timegap")))
   ds = epoch_shuffle(ds, seed).repeat(num_epochs)
-  ds = ds[shard_index::shard_count]
+  # The crop's rng is per element index: crop first, then slice, so global element i gets the
+  # same window whatever the process count (2 processes read exactly the examples of 1).
   if packing:
     ds = ds.random_map(_TrainCrop(prepared.item_genres, max_len), seed=seed)
+    ds = ds[shard_index::shard_count]      # packing mixes rows anyway: a plain stride
     if read_options is None:
       read_options = grain.ReadOptions(
           num_threads=min(4, os.cpu_count() or 1),
@@ -403,6 +439,8 @@ def make_train_dataset(prepared, *, max_len: int, batch_size: int, seed: int,
     # The examples are the same as crop -> to_iter_dataset -> pad -> batch (random_map's
     # rng is per element index either way).
     ds = ds.random_map(_TrainCropPad(prepared.item_genres, max_len), seed=seed)
+    if shard_count > 1:
+      ds = BlockShardMapDataset(ds, index=shard_index, count=shard_count, block=batch_size)
     ds = ds.batch(batch_size, drop_remainder=True,
                   batch_fn=_StackToBatch(prepared.item_genres))
     if read_options is None:

@@ -15,7 +15,13 @@
    (every catalogue item is a candidate; items already in the user's history
    are excluded when ``eval.exclude_seen``): HR@K, NDCG@K, MRR, beside the
    popularity baseline (training-split item frequency) and chance.
-4. Process 0 writes ``WORKDIR/results.json``.
+4. Process 0 writes ``WORKDIR/results.json``.  A re-run whose checkpoint is at the
+   final step and whose results are there (a User-LLM job resuming after stage 1)
+   restores the model and reuses them, evaluating nothing again.
+
+Preemption (``train/preemption.py``): a SIGTERM stops the job with exit status 0 at the
+next safe point -- after data preparation (which finishes first: it writes its directory
+atomically), at a training step (after a checkpoint), or before each evaluation split.
 
 Config fields (besides ``train.*`` / ``mesh.*`` read by the loop):
 
@@ -62,6 +68,7 @@ from userllm_jax.models import encoder as enc
 from userllm_jax.train import checkpoint as ckpt_lib
 from userllm_jax.train import loop
 from userllm_jax.train import mesh as mesh_lib
+from userllm_jax.train import preemption
 
 
 def _get(cfg, name, default=None):
@@ -237,6 +244,7 @@ def train_and_evaluate(config, workdir: str):
   t_start = time.time()
   primary = jax.process_index() == 0
   prepared = prepare(config.data)
+  preemption.exit_if_requested("after preparing the data")
   logging.info("dataset %s: %d users, %d items, %d interactions", prepared.directory,
                prepared.num_users, prepared.num_items, prepared.num_interactions)
   ecfg = encoder_config(config, prepared)
@@ -254,15 +262,19 @@ def train_and_evaluate(config, workdir: str):
   logging.info("input pipeline: %d Grain worker processes (data.worker_count=%s, %d CPUs), "
                "device prefetch %s", workers, _get(config.data, "worker_count", -1),
                pipeline.available_cpus(), _get(config.train, "prefetch", 2))
+  # This process's block of rows of every global batch, where the mesh puts its devices: the
+  # global batch is the 1-process batch row for row on any process count.
+  block, blocks = (mesh_lib.process_batch_block(mesh, global_bs) if jax.process_count() > 1
+                   else (0, 1))
   train_iter = pipeline.make_train_iterator(
-      prepared, max_len=ecfg.max_len, batch_size=global_bs // jax.process_count(),
+      prepared, max_len=ecfg.max_len, batch_size=global_bs // blocks,
       seed=int(_get(config, "seed", 0)), packing=bool(_get(config.data, "packing", False)),
-      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      shard_index=block, shard_count=blocks,
       worker_count=workers,
       worker_buffer_size=int(_get(config.data, "worker_buffer_size", 2)))
   if not _get(config.data, "packing", False) and not workers:
-    # ds[i::N] of one global order: the data position survives a change of process count.
-    ckpt_lib.set_shard_layout(train_iter, ckpt_lib.STRIDED)
+    # Its position (global batches taken) is every process's and holds on any process count.
+    ckpt_lib.set_shard_layout(train_iter, ckpt_lib.REPLICATED)
 
   eval_cfg = _get(config, "eval", None)
   periodic = None
@@ -281,11 +293,18 @@ def train_and_evaluate(config, workdir: str):
   result = loop.run_training(
       config, workdir, build_model=lambda rngs: enc.UserEncoder(ecfg, rngs=rngs),
       loss_fn=loss_fn, train_iter=train_iter, eval_fn=periodic, mesh=mesh)
+  done_path = paths.join(workdir, "results.json")
+  if paths.path(done_path).exists():
+    done = json.loads(paths.read_text(done_path))
+    if done.get("train", {}).get("steps") == result.step:
+      logging.info("%s: this training's results are there; not evaluating again", done_path)
+      return done, result.model, prepared
 
   counts = train_item_counts(prepared)
   num_candidates = prepared.vocabs["item"].size - enc.NUM_SPECIAL
   splits = {}
   for split in ("valid", "test"):
+    preemption.exit_if_requested(f"before evaluating {split}")
     ev = Evaluator(prepared, split, max_len=ecfg.max_len, mesh=mesh, eval_cfg=eval_cfg)
     t0 = time.time()
     model_metrics, kept_metrics = ev.evaluate_both(result.model)

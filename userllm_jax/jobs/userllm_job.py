@@ -11,6 +11,16 @@
    and a re-run skips a method whose results are there.
 5. Report (``stage2/report.py``): the printed tables, ``WORKDIR/results.json``,
    ``WORKDIR/generations/``, the plots.
+
+Scale-out: stage 2 runs on one mesh (``config.mesh``, ``train/mesh.py``) for the whole job:
+the LLM is loaded straight onto it, every method trains on it (each process reads its rows of
+every global batch: ``stage2/examples.training_stream``) and is evaluated on it (rows split
+over the data-parallel devices, results on every process: ``stage2/evaluate.py``); process 0
+writes the files.
+
+Preemption (``train/preemption.py``): a SIGTERM stops the job at the next safe point with exit
+status 0 -- a training step (after a checkpoint), an evaluation batch, or between stages and
+methods; the re-run in the same workdir skips finished stage 1 and finished methods.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ from userllm_jax.stage2 import llm as llm_lib
 from userllm_jax.stage2 import loss as loss_lib
 from userllm_jax.stage2 import methods as methods_lib
 from userllm_jax.stage2 import report as report_lib
+from userllm_jax.train import mesh as mesh_lib
+from userllm_jax.train import preemption
 
 
 def history_lengths(config) -> list[int]:
@@ -62,12 +74,14 @@ def run(config, workdir: str) -> dict:
                                                          paths.join(workdir, "stage1"))
   stage1 = {k: s1.get(k) for k in ("train", "test", "dataset")}
   timings["stage1_s"] = time.time() - t_start
+  preemption.exit_if_requested("after stage 1")
+  mesh = mesh_lib.make_mesh(config.get("mesh", None))
   catalog = tasks_lib.Catalog.from_dataset(prepared, domain=config.encoder.data.domain)
   data = examples_lib.build_task_data(config, prepared, catalog)
   review_texts = [x for e in data.train + [e for v in data.test.values() for e in v]
                   if e.task == "review" for x in (e.prompt, e.target)]
   t0 = time.time()
-  gemma, tokenizer = llm_lib.load_llm(config, catalog, extra_texts=review_texts)
+  gemma, tokenizer = llm_lib.load_llm(config, catalog, extra_texts=review_texts, mesh=mesh)
   timings["load_llm_s"] = time.time() - t0
   answers = eval_lib.AnswerSets.build(catalog, tokenizer, gemma.cfg.vocab_size)
   vocab_ids = None
@@ -101,13 +115,14 @@ def run(config, workdir: str) -> dict:
       logging.info("%s: results found in %s; skipping", name, done_path)
       done = json.loads(paths.read_text(done_path))
     else:
+      preemption.exit_if_requested(f"before method {name}")
       spec = methods_lib.build_method(config, name, encoder=encoder, gemma=gemma,
                                       tokenizer=tokenizer, catalog=catalog)
       per_step, steps, note = _budget(config, spec, data, tokenizer, vocab_ids, ul_flops)
       budget_note = note or budget_note
       t0 = time.time()
       tm = methods_lib.train_method(config, spec, workdir, data.train, tokenizer,
-                                    vocab_ids=vocab_ids, steps=steps)
+                                    vocab_ids=vocab_ids, steps=steps, mesh=mesh)
       train_s = time.time() - t0
       tm.train_info.update(step_flops=per_step, train_flops=per_step * tm.train_info["steps"],
                            budget_note=note)
@@ -194,9 +209,12 @@ def _mean_step_flops(config, spec, train_examples, tokenizer, bs, target_len, vo
                                         batch_size=bs)
   by_shape: dict = {}
   total = 0.0
+  nproc = jax.process_count()
   for _ in range(num_batches):
-    batch = next(stream)
-    key = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+    # This process's rows of the global batch: the step's FLOPs are the global batch's.
+    batch = {k: jax.ShapeDtypeStruct((np.shape(v)[0] * nproc,) + np.shape(v)[1:],
+                                     np.asarray(v).dtype) for k, v in next(stream).items()}
+    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
     if key not in by_shape:
       by_shape[key] = methods_lib.train_step_flops(spec, batch, max_target_tokens=target_len,
                                                    vocab_ids=vocab_ids)

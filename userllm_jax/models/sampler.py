@@ -50,6 +50,12 @@ At ``max_new_tokens`` live beams join the finished pool.
 :func:`score_candidates` / :meth:`Sampler.score_candidates`: the log-probability of every
 sequence of a fixed candidate list (e.g. genre names + EOS) for every prompt, from one
 prefill and one batched teacher-forced forward over ``B * C`` rows.
+
+Multi-host: ``Sampler(place_inputs=)`` turns each host array of the batch (prompt tokens and
+mask) into the device array the model runs on -- for a model sharded over a mesh that
+spans processes, a global array whose batch rows are split over the data-parallel devices
+(``train/mesh.host_to_global``); every process passes the same batch.  Outputs come back as
+numpy on every process (gathered across hosts where a result is spread over them).
 """
 
 from __future__ import annotations
@@ -72,6 +78,15 @@ DEFAULT_PROMPT_BUCKET = 16
 
 # Traces (= compilations) per jitted function name; incremented while tracing.
 TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def _host(x) -> np.ndarray:
+  """``x`` as numpy on this process; an array spread over other processes' devices is
+  gathered (every process gets the whole of it)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 @dataclasses.dataclass
@@ -437,16 +452,20 @@ class Sampler:
     eos_id / pad_id: tokenizer ids (Gemma: eos 1, pad 0).
     prompt_bucket: prompts are left-padded to a multiple of this many tokens so that
       different prompt lengths share a compiled program (0: no bucketing).
+    place_inputs: host array -> device array for the prompt tokens and mask (default
+      ``jnp.asarray``); see the module docstring (multi-host).
   """
 
   def __init__(self, model: nnx.Module, *, eos_id: int = 1, pad_id: int = 0,
-               prompt_bucket: int = DEFAULT_PROMPT_BUCKET):
+               prompt_bucket: int = DEFAULT_PROMPT_BUCKET,
+               place_inputs: Optional[Callable[[np.ndarray], jax.Array]] = None):
     if not isinstance(prompt_bucket, (int, np.integer)) or prompt_bucket < 0:
       raise ValueError(f"Sampler: prompt_bucket must be an int >= 0, got {prompt_bucket!r}")
     self.model = model
     self.eos_id = int(eos_id)
     self.pad_id = int(pad_id)
     self.prompt_bucket = int(prompt_bucket)
+    self.place_inputs = place_inputs or jnp.asarray
 
   def _inputs(self, prompts: Prompts, prefix_embeds_BxPxD, prefix_mask_BxP, media_BxMxD,
               media_mask_BxM):
@@ -462,10 +481,11 @@ class Sampler:
       if x is not None and np.shape(x)[0] != B:
         raise ValueError(f"Sampler: {name} has batch {np.shape(x)[0]}, prompts have {B}")
     if prefix_embeds_BxPxD is not None and prefix_mask_BxP is None:
-      prefix_mask_BxP = jnp.ones(np.shape(prefix_embeds_BxPxD)[:2], bool)
+      prefix_mask_BxP = self.place_inputs(np.ones(np.shape(prefix_embeds_BxPxD)[:2], bool))
     if media_BxMxD is not None and media_mask_BxM is None:
-      media_mask_BxM = jnp.ones(np.shape(media_BxMxD)[:2], bool)
-    return (jnp.asarray(tokens), jnp.asarray(mask), prefix_embeds_BxPxD, prefix_mask_BxP,
+      media_mask_BxM = self.place_inputs(np.ones(np.shape(media_BxMxD)[:2], bool))
+    return (self.place_inputs(tokens), self.place_inputs(mask), prefix_embeds_BxPxD,
+            prefix_mask_BxP,
             media_BxMxD, media_mask_BxM)
 
   def _stop_ids(self, stop_tokens: Sequence[int]) -> tuple[int, ...]:
@@ -532,8 +552,7 @@ class Sampler:
         max_new=int(max_new_tokens), sample=temperature > 0, use_top_k=top_k > 0,
         use_top_p=top_p < 1.0, stop_ids=self._stop_ids(stop_tokens), pad_id=self.pad_id,
         processor=logits_processor, restrict=restrict)
-    res = GenerateOutput(np.asarray(out), np.asarray(lengths), np.asarray(logp),
-                         np.asarray(done))
+    res = GenerateOutput(_host(out), _host(lengths), _host(logp), _host(done))
     res.timing = Timing(prefill_s=t1 - t0, total_s=time.perf_counter() - t0)
     return res
 
@@ -568,8 +587,7 @@ class Sampler:
         max_new=int(max_new_tokens), length_penalty=float(length_penalty),
         stop_ids=self._stop_ids(stop_tokens), pad_id=self.pad_id, processor=logits_processor,
         restrict=restrict)
-    res = BeamOutput(np.asarray(toks), np.asarray(score), np.asarray(raw),
-                     np.asarray(lengths), np.asarray(fin))
+    res = BeamOutput(_host(toks), _host(score), _host(raw), _host(lengths), _host(fin))
     res.timing = Timing(prefill_s=t1 - t0, total_s=time.perf_counter() - t0)
     return res
 
@@ -620,7 +638,7 @@ class Sampler:
     out = _score_jit(graphdef, state, cache, logits, args[4], args[5], vocab_ids,
                      jnp.asarray(cand_CxT), jnp.asarray(lens_C), jnp.asarray(target_CxT),
                      allowed)
-    out = np.asarray(out)
+    out = _host(out)
     return ScoreOutput(out, Timing(prefill_s=t1 - t0, total_s=time.perf_counter() - t0))
 
 

@@ -38,6 +38,8 @@ from userllm_jax.eval import trie as trie_lib
 from userllm_jax.models import sampler as sampler_lib
 from userllm_jax.stage2 import examples as examples_lib
 from userllm_jax.stage2 import methods as methods_lib
+from userllm_jax.train import mesh as mesh_lib
+from userllm_jax.train import preemption
 
 
 def progress(iterable, desc: str, total: Optional[int] = None):
@@ -85,14 +87,20 @@ class Decoder:
   ``prompt_bucket``: the evaluation passes the longest prompt of the whole evaluated set
   (rounded up to 16), so every batch has one shape and compiles once; the first batch is
   run twice and only the second run is timed.
+
+  On the method's mesh (``tm.mesh``) every process passes the same whole batch and its rows
+  are split over the data-parallel devices (``mesh.host_to_global``), so a mesh that spans
+  processes evaluates each row once; the sampler returns the results on every process.
   """
 
   def __init__(self, tm: methods_lib.TrainedMethod, tokenizer, *, prompt_bucket: int = 16):
     self.tm = tm
     self.tokenizer = tokenizer
     llm = tm.spec.llm(tm.model)
+    self.place = ((lambda x: mesh_lib.host_to_global(x, tm.mesh)) if tm.mesh is not None
+                  else jnp.asarray)
     self.sampler = sampler_lib.Sampler(llm, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                       prompt_bucket=prompt_bucket)
+                                       prompt_bucket=prompt_bucket, place_inputs=self.place)
     self._user_fn = None
     if tm.kind == "userllm":
       cache = tm.__dict__.setdefault("_eval_cache", {})
@@ -105,15 +113,16 @@ class Decoder:
         def user_inputs(state, hist):
           return spec.user_inputs(nnx.merge(graphdef, state), hist)
 
-        cache[key] = lambda batch: user_inputs(state, methods_lib.history_batch(batch))
+        cache[key] = lambda batch: user_inputs(state, batch)
       self._user_fn = cache[key]
 
   def user_kwargs(self, batch) -> tuple[dict, float]:
     """(sampler kwargs carrying the users, seconds spent computing them)."""
     if self._user_fn is None:
       return {}, 0.0
+    batch = methods_lib.history_batch(batch)
     t0 = time.perf_counter()
-    kw = jax.block_until_ready(self._user_fn(batch))
+    kw = jax.block_until_ready(self._user_fn(jax.tree.map(self.place, batch)))
     return kw, time.perf_counter() - t0
 
   @staticmethod
@@ -205,6 +214,7 @@ def evaluate_method(config, tm: methods_lib.TrainedMethod, data: examples_lib.Ta
     t_first = t_total = 0.0
     warm = False
     for i in progress(range(0, len(examples), bs), f"{tm.name}/{task}/h{history_len}"):
+      preemption.exit_if_requested(f"evaluating {tm.name} ({task}, history {history_len})")
       chunk, cp = examples[i:i + bs], prompts[i:i + bs]
       n_real = len(chunk)
       if n_real < bs:  # pad the last batch with copies: one compiled shape

@@ -14,6 +14,8 @@ import numpy as np
 from absl import logging
 
 from userllm_jax.data import tasks as tasks_lib
+from userllm_jax.train import checkpoint as ckpt_lib
+from userllm_jax.train import mesh as mesh_lib
 
 DEFAULT_MAX_REVIEW_TOKENS = 64
 
@@ -84,12 +86,14 @@ def truncate_history(ex: tasks_lib.Example, n: int) -> tasks_lib.Example:
 
 
 def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequence[str],
-                    tokenizer, *, max_prompt_tokens: int, batch_size: int):
+                    tokenizer, *, max_prompt_tokens: int, batch_size: int, mesh=None):
   """This process's stream of stage-2 training batches (a Grain dataset iterator).
 
   Every process tokenizes the same examples and shuffles them with the same seed, then
-  takes every ``process_count``-th batch row: the global batch of ``batch_size`` rows is
-  exactly the single-process batch, split over processes.  ``train.batch_by_task``
+  keeps its block of rows of each global batch -- the block its devices hold in ``mesh``'s
+  batch sharding (``train/mesh.process_batch_block``; without a mesh, block
+  ``process_index``): the global batch of ``batch_size`` rows is the single-process batch,
+  row for row.  ``train.batch_by_task``
   (default True): one task per batch, padded to that task's longest target
   (``tasks.stage2_dataset``).
   """
@@ -104,6 +108,10 @@ def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequ
                                 seed=int(config.seed),
                                 batch_by_task=bool(config.train.get("batch_by_task", True)))
   if nproc > 1:
-    pid = jax.process_index()
-    ds = ds.map(lambda b: {k: v[pid::nproc] for k, v in b.items()})
-  return iter(ds)
+    index, count = (mesh_lib.process_batch_block(mesh, batch_size) if mesh is not None
+                    else (jax.process_index(), nproc))
+    rows = batch_size // count
+    ds = ds.map(lambda b: {k: v[index * rows:(index + 1) * rows] for k, v in b.items()})
+  # The position (global batches taken) is the same on every process and on any process
+  # count: a checkpoint resumes on another number of processes (train/checkpoint.py).
+  return ckpt_lib.set_shard_layout(iter(ds), ckpt_lib.REPLICATED)

@@ -12,6 +12,7 @@ from absl import logging
 from flax import nnx
 
 from userllm_jax.data import tasks as tasks_lib
+from userllm_jax.train import mesh as mesh_lib
 
 
 def _text_corpus(catalog: tasks_lib.Catalog, extra_texts: Sequence[str] = ()) -> list[str]:
@@ -29,7 +30,9 @@ def load_llm(config, catalog: tasks_lib.Catalog, extra_texts: Sequence[str] = ()
 
   ``llm.name='tiny'``: a random tiny Gemma (``llm.tiny`` overrides the preset) with a word
   tokenizer built from the catalogue and ``extra_texts`` (e.g. review texts).  Otherwise
-  ``weights.load_gemma(llm.name)``, placed straight onto ``mesh`` when given.
+  ``weights.load_gemma(llm.name)``.  Either is placed straight onto ``mesh`` when given (each
+  parameter created or loaded into its shards by ``train/mesh.py``'s rules; no whole copy on
+  one device).
   """
   name = config.llm.name
   if name == "tiny":
@@ -38,10 +41,13 @@ def load_llm(config, catalog: tasks_lib.Catalog, extra_texts: Sequence[str] = ()
     overrides = config.llm.get("tiny", ml_collections.ConfigDict()).to_dict()
     gcfg = gemma_lib.tiny(vocab_size=tok.vocab_size, **overrides)
     abstract = nnx.eval_shape(lambda: gemma_lib.Gemma3(gcfg, rngs=nnx.Rngs(0)))
-    graphdef, _ = nnx.split(abstract)
-    state = jax.jit(lambda: nnx.split(
-        gemma_lib.Gemma3(gcfg, rngs=nnx.Rngs(int(config.seed) + 7)))[1])()
-    model = nnx.merge(graphdef, state)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = None if mesh is None else mesh_lib.state_shardings(abs_state, mesh)
+    pure = jax.jit(lambda: nnx.to_pure_dict(nnx.split(
+        gemma_lib.Gemma3(gcfg, rngs=nnx.Rngs(int(config.seed) + 7)))[1]),
+                   out_shardings=shardings)()
+    nnx.replace_by_pure_dict(abs_state, pure)
+    model = nnx.merge(graphdef, abs_state)
     # Gemma's unit-variance embedding is tied to the output: a *random* model then has logits
     # of std ~sqrt(D) (initial loss ~30 nats).  Scale it to std 1/sqrt(D): unit-variance
     # logits, as a trained model has.

@@ -18,6 +18,7 @@ loss (:mod:`userllm_jax.stage2.loss`) and returns a :class:`TrainedMethod`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,6 +29,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from userllm_jax import paths
 from userllm_jax.data import tasks as tasks_lib
 from userllm_jax.models import encoder as enc_lib
 from userllm_jax.models import gemma as gemma_lib
@@ -174,6 +176,7 @@ class TrainedMethod:
   spec: MethodSpec
   model: nnx.Module
   train_info: dict
+  mesh: Optional[jax.sharding.Mesh] = None    # the mesh the model is sharded on
 
   @property
   def name(self) -> str:
@@ -198,30 +201,62 @@ def make_loss_fn(spec: MethodSpec, *, max_target_tokens: int,
 
 def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequence,
                  tokenizer, *, vocab_ids: Optional[np.ndarray],
-                 steps: Optional[int] = None) -> TrainedMethod:
-  """Trains (or resumes) ``spec`` in ``workdir/<name>`` for ``spec.train.steps`` (or ``steps``)."""
+                 steps: Optional[int] = None,
+                 mesh: Optional[jax.sharding.Mesh] = None) -> TrainedMethod:
+  """Trains (or resumes) ``spec`` in ``workdir/<name>`` for ``spec.train.steps`` (or ``steps``)
+  on ``mesh`` (default: one built from ``config.mesh``)."""
   from userllm_jax.train import loop  # pylint: disable=g-import-not-at-top
   prompts = [spec.prompt_fn(ex) for ex in train_examples]
   train_cfg = ml_collections.ConfigDict(spec.train.to_dict())
   if steps is not None:
     train_cfg.steps = int(steps)
+  if mesh is None:
+    from userllm_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    mesh = mesh_lib.make_mesh(config.get("mesh", None))
   stream = examples_lib.training_stream(config, train_examples, prompts, tokenizer,
                                         max_prompt_tokens=spec.max_prompt_tokens,
-                                        batch_size=int(train_cfg.batch_size))
+                                        batch_size=int(train_cfg.batch_size), mesh=mesh)
   target_len, _ = examples_lib.target_budgets(config)
   t0 = time.time()
-  from userllm_jax import paths  # pylint: disable=g-import-not-at-top
-  res = loop.run_training(config, paths.join(workdir, spec.name),
-                          build_model=spec.build_model,
+  method_dir = paths.join(workdir, spec.name)
+  res = loop.run_training(config, method_dir, build_model=spec.build_model,
                           loss_fn=make_loss_fn(spec, max_target_tokens=target_len,
                                                vocab_ids=vocab_ids),
-                          train_iter=stream, trainable=spec.trainable, train_config=train_cfg)
-  hist = [(s, m.get("loss")) for s, m in res.history]
-  info = {"steps": res.step, "seconds": time.time() - t0, "batch_size": int(train_cfg.batch_size),
-          "first_loss": hist[0][1] if hist else None, "final_loss": hist[-1][1] if hist else None,
-          "compiled_step_flops": res.compile_stats.get("cost_flops"), "loss_curve": hist}
+                          train_iter=stream, trainable=spec.trainable, train_config=train_cfg,
+                          mesh=mesh)
+  info_path = paths.join(method_dir, "train_info.json")
+  if res.step == res.start_step and paths.path(info_path).exists():
+    # Finished before (a re-run after a stop during evaluation): its record, as written then.
+    info = json.loads(paths.read_text(info_path))
+    logging.info("%s: trained before (step %d); train info from %s", spec.name, res.step,
+                 info_path)
+  else:
+    hist = _loss_curve(method_dir, res)
+    info = {"steps": res.step, "seconds": time.time() - t0,
+            "batch_size": int(train_cfg.batch_size),
+            "first_loss": hist[0][1] if hist else None,
+            "final_loss": hist[-1][1] if hist else None,
+            "compiled_step_flops": res.compile_stats.get("cost_flops"), "loss_curve": hist}
+    if jax.process_index() == 0:
+      paths.write_atomic(info_path, json.dumps(info))
   logging.info("%s trained: %s", spec.name, {k: v for k, v in info.items() if k != "loss_curve"})
-  return TrainedMethod(spec, res.model, info)
+  return TrainedMethod(spec, res.model, info, mesh=res.mesh)
+
+
+def _loss_curve(method_dir: str, res) -> list:
+  """[(step, loss)] of the whole training: this run's steps, and before them the steps of
+  earlier runs that a resumed run finds in ``metrics.jsonl`` (those logged: every
+  ``train.log_every``; none on a process that cannot read process 0's files)."""
+  from userllm_jax.train import metrics_writer  # pylint: disable=g-import-not-at-top
+  earlier = []
+  if res.start_step > 0:
+    try:
+      logged = metrics_writer.read_metrics(method_dir)
+    except FileNotFoundError:
+      logged = {}
+    earlier = [(s, m["train/loss"]) for s, m in sorted(logged.items())
+               if s < res.start_step and "train/loss" in m]
+  return earlier + [(s, m.get("loss")) for s, m in res.history]
 
 
 def lowered_flops(lowered) -> float:
@@ -238,7 +273,8 @@ def lowered_flops(lowered) -> float:
 
 def train_step_flops(spec: MethodSpec, batch: dict, *, max_target_tokens: int,
                      vocab_ids: Optional[np.ndarray]) -> float:
-  """FLOPs of one training step (loss + gradient of the trained params) on ``batch``.
+  """FLOPs of one training step (loss + gradient of the trained params) on ``batch`` (arrays
+  or ``jax.ShapeDtypeStruct``s).
 
   From XLA's cost analysis of the *lowered* step on abstract shapes (nothing is
   materialised or compiled), the same way for every method, so two methods' figures
@@ -253,8 +289,7 @@ def train_step_flops(spec: MethodSpec, batch: dict, *, max_target_tokens: int,
       return loss_fn(nnx.merge(graphdef, p, rest), batch, jax.random.key(0))[0]
     return jax.grad(f)(params)
 
-  abs_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                           batch)
+  abs_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), batch)
   flops = lowered_flops(jax.jit(step).lower(params, rest, abs_batch))
   if not np.isfinite(flops) or flops <= 0:
     raise RuntimeError(f"train_step_flops({spec.name}): XLA gave no FLOP count ({cost})")

@@ -28,8 +28,7 @@ or recognised from Grain's own state):
   restores ``g`` and reads its shard of the global order from there.
 * ``"strided"``: process ``i`` of ``N`` reads examples ``i, i+N, i+2N, ...`` of
   one deterministic global order (``ds[i::N]`` after a seeded shuffle, then
-  per-example maps and ``batch``, as ``data/pipeline.make_train_iterator`` without
-  packing or worker processes builds it); its state is ``{"next_index": n}``,
+  per-example maps and an iterator-level ``batch``); its state is ``{"next_index": n}``,
   the number of examples it has taken. Processes move in lockstep (same per-process
   batch), so all N states hold the same ``n``, and the examples consumed are
   exactly global positions ``0 .. N*n - 1`` (= global step x global batch). On M
@@ -37,6 +36,11 @@ or recognised from Grain's own state):
   continue at global position ``N*n`` -- nothing lost and nothing repeated within
   an epoch (epoch boundaries are positions of the global order, so they hold too).
   ``N*n`` must divide by M; it always does when the new global batch divides by M.
+* ``"replicated"``: process ``i``'s batch ``k`` is its block of rows of global batch ``k``
+  (``data/pipeline.make_train_iterator`` without packing or worker processes,
+  ``stage2/examples.training_stream``); the state (the number of global batches taken) is
+  the same in every process and means the same on any process count: every process
+  restores it.
 * anything else (packing buffers, ``mp_prefetch`` worker states, an undeclared
   iterator): :class:`DataTopologyError` naming both process counts and the ways
   forward (restore on N processes, or use an elastic/strided pipeline).
@@ -109,15 +113,17 @@ class DataTopologyError(RuntimeError):
 
 ELASTIC = "elastic"
 STRIDED = "strided"
+REPLICATED = "replicated"
 _LAYOUT_ATTR = "_userllm_shard_layout"
 _STATE_FILE = re.compile(r"^process_(\d+)-of-(\d+)\.json$")
 
 
 def set_shard_layout(iterator, layout: str):
   """Declares how ``iterator`` shards its data over processes (see the module doc);
-  returns ``iterator``. ``layout`` is ``"strided"`` or ``"elastic"``."""
-  if layout not in (ELASTIC, STRIDED):
-    raise ValueError(f"layout must be {ELASTIC!r} or {STRIDED!r}, got {layout!r}")
+  returns ``iterator``. ``layout`` is ``"strided"``, ``"elastic"`` or ``"replicated"``."""
+  if layout not in (ELASTIC, STRIDED, REPLICATED):
+    raise ValueError(f"layout must be {ELASTIC!r}, {STRIDED!r} or {REPLICATED!r}, got "
+                     f"{layout!r}")
   setattr(iterator, _LAYOUT_ATTR, layout)
   return iterator
 
@@ -133,9 +139,9 @@ def reshard_data_state(states: dict[int, Any], new_index: int, new_count: int, *
   old_count = len(states)
   ways = (f"Ways forward: resume on {old_count} processes (the data position then restores "
           f"exactly), or train with a data iterator whose shard layout is {ELASTIC!r} "
-          f"(grain.experimental.ElasticIterator) or {STRIDED!r} (data/pipeline "
-          "make_train_iterator without packing and without worker processes), or start a "
-          "fresh workdir.")
+          f"(grain.experimental.ElasticIterator), {REPLICATED!r} (data/pipeline "
+          "make_train_iterator without packing and without worker processes, the "
+          f"encoder job's default) or {STRIDED!r}, or start a fresh workdir.")
   head = (f"checkpoint{' ' + where if where else ''}: the data iterator was saved by "
           f"{old_count} processes and is restored on {new_count}")
   values = list(states.values())
@@ -144,6 +150,11 @@ def reshard_data_state(states: dict[int, Any], new_index: int, new_count: int, *
       raise DataTopologyError(f"{head}, but the saved global positions differ "
                               f"({sorted({s['global_next_index'] for s in values})}). {ways}")
     return dict(values[0])
+  if layout == REPLICATED:
+    if any(s != values[0] for s in values):
+      raise DataTopologyError(f"{head}, but the saved states differ ({values}); the "
+                              f"{REPLICATED!r} layout needs one global position. {ways}")
+    return values[0]
   if layout == STRIDED and all(isinstance(s, dict) and set(s) == {"next_index"}
                                for s in values):
     per = {s["next_index"] for s in values}

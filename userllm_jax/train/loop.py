@@ -51,16 +51,17 @@ step's FLOPs per device (XLA cost analysis) over step time x peak.
 Every step's metrics are checked; a NaN/Inf stops the run with an error naming
 the step and the metric (the state of that step is never checkpointed).
 
-Preemption: SIGTERM (single process) or JAX's preemption sync point
-(multi-process) -> checkpoint at the next step boundary and ``SystemExit(0)``.
+Preemption (``train/preemption.py``): a stop request -- SIGTERM on one process, JAX's
+preemption sync point on several -- is polled at every step boundary: checkpoint, then
+``SystemExit(0)``.  The loop uses the job's preemption scope (``main.py`` opens one for the
+whole job) or, outside one, opens its own for the training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import signal
-import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -78,6 +79,7 @@ from userllm_jax.train import checkpoint as ckpt_lib
 from userllm_jax.train import mesh as mesh_lib
 from userllm_jax.train import mfu as mfu_lib
 from userllm_jax.train import optim
+from userllm_jax.train import preemption as preemption_lib
 from userllm_jax.train import prefetch as prefetch_lib
 from userllm_jax.train.metrics_writer import MetricsWriter
 
@@ -105,33 +107,6 @@ class LoopContext:
   checkpointer: ckpt_lib.Checkpointer
   state: Any
   workdir: str
-
-
-class _Preemption:
-  """SIGTERM flag (single process) or JAX's multi-host preemption sync point."""
-
-  def __init__(self, checkpointer: ckpt_lib.Checkpointer):
-    self._ckpt = checkpointer
-    self._flag = False
-    self._prev = None
-    self._multi = jax.process_count() > 1
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      self._prev = signal.signal(signal.SIGTERM, self._handler)
-
-  def _handler(self, signum, frame):
-    del frame
-    logging.warning("received signal %d: checkpointing at the next step boundary", signum)
-    self._flag = True
-
-  def requested(self, step: int) -> bool:
-    if self._multi:
-      return bool(self._ckpt.reached_preemption(step))
-    return self._flag
-
-  def uninstall(self) -> None:
-    if self._prev is not None:
-      signal.signal(signal.SIGTERM, self._prev)
-      self._prev = None
 
 
 def _cfg_get(cfg, name, default):
@@ -260,7 +235,15 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
 
     latest = checkpointer.latest_step()
     if latest is not None:
-      state = checkpointer.restore(latest, saved_part(abs_state_sh), data_ckpt)
+      try:
+        state = checkpointer.restore(latest, saved_part(abs_state_sh), data_ckpt)
+      except ckpt_lib.DataTopologyError as e:
+        if latest < total_steps:
+          raise
+        # A finished training reads no more data: it resumes on any process count.
+        logging.warning("%s -- training is finished (step %d), so no data position is needed",
+                        e, latest)
+        state = checkpointer.restore(latest, saved_part(abs_state_sh), None)
       if not save_frozen:
         state["frozen"] = jax.jit(lambda: init_fn()["frozen"],
                                   out_shardings=state_sh["frozen"])()
@@ -322,7 +305,8 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
     feed = None                 # DevicePrefetcher over `iterator`, after the first batch
     perf = {"flops": None, "peak": None, "examples": 0, "tokens": 0}
     writer = MetricsWriter(workdir, enabled=primary)
-    preemption = _Preemption(checkpointer)
+    scopes = contextlib.ExitStack()
+    preemption = scopes.enter_context(preemption_lib.scope())
     ctx = LoopContext(checkpointer=checkpointer, state=state, workdir=workdir)
     step = start_step
     pending = None
@@ -423,7 +407,7 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
 
         want_ckpt = (ckpt_every > 0 and step % ckpt_every == 0) or step == total_steps
         want_eval = eval_fn is not None and eval_every > 0 and step % eval_every == 0
-        preempted = preemption.requested(step)
+        preempted = preemption.requested()
         if want_ckpt or want_eval or preempted:
           consume(pending)       # never checkpoint a NaN state
           pending = None
@@ -453,7 +437,7 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
     finally:
       if feed is not None:
         feed.close()
-      preemption.uninstall()
+      scopes.close()
       writer.close()
       checkpointer.close()
 

@@ -203,6 +203,42 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def process_batch_block(mesh, global_batch: int) -> tuple[int, int]:
+  """``(index, count)``: this process's rows of a global batch of ``global_batch`` rows split by
+  :func:`batch_sharding` are block ``index`` of ``count`` equal, contiguous blocks.
+
+  Feed block ``index`` (rows ``index * global_batch // count`` onwards) to
+  ``jax.make_array_from_process_local_data`` and the global array is the 1-process batch, row
+  for row.  Raises if the process's devices do not hold one contiguous block.
+  """
+  rows = set()
+  for (sl, *_) in batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values():
+    rows.add((sl.start or 0, global_batch if sl.stop is None else sl.stop))
+  lo, hi = min(r[0] for r in rows), max(r[1] for r in rows)
+  covered = sum(b - a for a, b in rows)
+  size = hi - lo
+  if covered != size or global_batch % size or lo % size:
+    raise ValueError(f"mesh {dict(mesh.shape)}: process {jax.process_index()}'s devices hold "
+                     f"batch rows {sorted(rows)} of {global_batch}, not one contiguous block; "
+                     "order the mesh's devices by process along ('data', 'fsdp')")
+  return lo // size, global_batch // size
+
+
+def host_to_global(x, mesh) -> jax.Array:
+  """A host array that every process holds whole -> a global array on ``mesh``.
+
+  The leading (batch) dimension is split over ``('data', 'fsdp')`` when they divide it, else
+  the array is replicated; each process fills only its own devices' rows from ``x``, so
+  nothing crosses hosts.  For inputs every process builds identically (evaluation batches);
+  training batches, of which each process reads its own part, use
+  ``jax.make_array_from_process_local_data``.
+  """
+  x = np.asarray(x)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  spec = P(BATCH_AXES) if x.ndim and x.shape[0] % dp == 0 else P()
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
+
+
 def shard_model(model: nnx.Module, mesh, *, rules=LOGICAL_RULES) -> nnx.Module:
   """Place ``model``'s variables on ``mesh`` by the rules (in place); returns it."""
   state = nnx.state(model)
