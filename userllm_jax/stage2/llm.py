@@ -53,10 +53,17 @@ def load_llm(config, catalog: tasks_lib.Catalog, extra_texts: Sequence[str] = ()
     # logits, as a trained model has.
     emb = model.embedder.input_embedding
     emb[...] = emb[...] / jnp.sqrt(jnp.float32(gcfg.embed_dim))
-    return model, tok
+    return _with_remat(config, model), tok
   from userllm_jax import weights  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   gemma, tok = weights.load_gemma(name, dtype=jnp.dtype(config.llm.get("dtype", "float32")),
                                   mesh=mesh)
   logging.info("loaded %s in %.1fs", name, time.time() - t0)
-  return gemma, tok
+  return _with_remat(config, gemma), tok
+
+
+def _with_remat(config, gemma):
+  """``train.remat``: Gemma's blocks are rematerialised in stage 2's backward pass."""
+  if bool(config.train.get("remat", False)):
+    gemma.cfg = gemma.cfg.replace(remat=True)
+  return gemma
