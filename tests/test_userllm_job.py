@@ -54,10 +54,17 @@ def test_both_modes_learn_to_use_the_user(tmp_path):
     assert lo <= acc <= hi and got["fav_genre_n"] == len(data.test["fav_genre"])
 
 
-def test_job_runs_every_method_on_the_same_users_and_resumes(tmp_path):
+def test_job_runs_every_method_on_the_same_users_and_resumes(tmp_path, monkeypatch):
   """Cross-attention, soft prompt and TP through the job; TP pays for the history in tokens;
-  a re-run skips finished methods and reports the same results."""
+  a SIGTERM during an evaluation exits 0 at the next batch, keeping the finished methods; a
+  re-run skips finished methods and reports the same results.
+
+  (The same through ``python -m userllm_jax.main``, compared with an uninterrupted run:
+  tests/test_main_distributed.py, ``--runslow``.)"""
+  import signal
   from userllm_jax.jobs import userllm_job
+  from userllm_jax.stage2 import evaluate as eval_lib
+  from userllm_jax.train import preemption
   cfg = tiny_config()
   cfg.methods = ("userllm_xattn", "userllm_soft_prompt", "tp_lora")
   cfg.train.steps = 3
@@ -66,6 +73,24 @@ def test_job_runs_every_method_on_the_same_users_and_resumes(tmp_path):
   cfg.tasks.history_lengths = (4, 12)
   cfg.encoder.train.steps = 10
   cfg.eval.batch_size = 8
+  # SIGTERM (the real signal, the job-wide handler) while the soft prompt's first evaluation
+  # batch runs: the job stops before the next batch, with cross-attention finished.
+  progress = eval_lib.progress
+
+  def sigterm_in_soft_prompt(iterable, desc, total=None):
+    for i, x in enumerate(progress(iterable, desc, total)):
+      if desc.startswith("userllm_soft_prompt/") and i == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield x
+
+  monkeypatch.setattr(eval_lib, "progress", sigterm_in_soft_prompt)
+  with preemption.scope(), pytest.raises(SystemExit) as stop:
+    userllm_job.run(cfg, str(tmp_path))
+  assert stop.value.code == 0
+  assert (tmp_path / "userllm_xattn" / "results.json").exists()
+  assert not (tmp_path / "userllm_soft_prompt" / "results.json").exists()
+  assert not (tmp_path / "results.json").exists()
+  monkeypatch.setattr(eval_lib, "progress", progress)
   res = userllm_job.run(cfg, str(tmp_path))
   methods = res["methods"]
   assert set(methods) == {"userllm_xattn", "userllm_soft_prompt", "tp_lora"}
