@@ -6,12 +6,13 @@ both on the mesh data=2, fsdp=2, tensor=2.
 
 Default run (~5-9 minutes on 2 busy cores, both layouts at once): losses step by step (stage 1
 and stage 2, float tolerance), final parameters of both stages (float tolerance) and every
-evaluation metric (equal) of the 2-process run match the 1-process run.  Then (~2-3 minutes)
-preemption during evaluation: the 1 x 8 job gets SIGTERM while it evaluates the method ->
-exit status 0, no results written; the re-run reuses stage 1 and the method's training (no
-training step, no stage-1 evaluation again) and writes the uninterrupted run's results.
+evaluation metric (equal) of the 2-process run match the 1-process run.
 
-``@pytest.mark.slow`` (``--runslow``): the 2-process run is SIGKILLed (one process) after its
+``@pytest.mark.slow`` (``--runslow``): preemption during evaluation (~2-3 minutes): the 1 x 8
+job gets SIGTERM while it evaluates the method -> exit status 0, no results written; the
+re-run reuses stage 1 and the method's training (no training step, no stage-1 evaluation
+again) and writes the uninterrupted run's results (in-process, the default run checks the
+same stop in tests/test_userllm_job.py).  The 2-process run is SIGKILLed (one process) after its
 stage-2 checkpoint, both processes are restarted and finish with the uninterrupted run's
 results; the checkpoint taken at the kill also finishes on 1 process x 8 devices with the same
 results (~10 minutes here).  And the encoder job on its own (configs/encoder_movielens_100k.py
@@ -209,6 +210,8 @@ def test_sigkill_and_restart_then_resume_on_one_process(layouts, tmp_path):
   assert_same_run(copy, layouts / "p2x4")
 
 
+@pytest.mark.slow   # the default run checks SIGTERM during evaluation in-process
+                    # (tests/test_userllm_job.py); this is the entry point's exit status
 def test_sigterm_during_evaluation_then_rerun_gives_the_uninterrupted_results(layouts, tmp_path):
   work = tmp_path / "work"
   job = spawn(work, tmp_path / "run1.log", devices=8)
