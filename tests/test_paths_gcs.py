@@ -12,7 +12,12 @@ through ``STORAGE_EMULATOR_HOST``, TensorStore (Orbax's array writer) through
 * a prepared dataset written to and opened from gs:// (through the local mirror);
 * the encoder job through the real entry point, ``python -m userllm_jax.main
   --workdir=gs://...``: checkpoint, metrics and ``results.json`` land in the bucket, and a
-  second run resumes from that checkpoint.
+  second run resumes from that checkpoint;
+* the same job as 2 processes x 4 CPU devices on one gs:// workdir: one shared checkpoint,
+  SIGKILL, restart, resume from it, ``results.json`` in the bucket.
+
+The emulator sends no ``x-goog-generation`` with object bytes; the fixture adds it (see
+``_serve_object_generations``), without which TensorStore's conditional writes fail.
 """
 
 import importlib.util
@@ -40,9 +45,42 @@ _ENV = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_
         "FSSPEC_GCS_TOKEN", "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 
 
+def _serve_object_generations():
+  """Makes the emulator's media downloads carry ``x-goog-generation`` (as GCS does).
+
+  ``gcp-storage-emulator`` sends no generation header with an object's bytes; TensorStore then
+  stamps the read with generation 0, and its next conditional request on that object
+  (``ifGenerationMatch`` / ``ifGenerationNotMatch``) fails with "Malformed StorageGeneration".
+  Orbax's OCDBT writer does exactly that on ``manifest.ocdbt`` from the second write batch of
+  a save on, so any checkpoint with more than a handful of arrays failed (the encoder job did,
+  the 3-array checkpoint of test_orbax_checkpoint_and_data_position_on_gcs did not).
+  """
+  from gcp_storage_emulator.handlers import objects
+  original = objects.download
+  if getattr(original, "_serves_generation", False):
+    return
+
+  def download(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+    except Exception:   # pylint: disable=broad-except  (not found: the original answers 404)
+      pass
+    return original(request, response, storage, *args, **kwargs)
+
+  download._serves_generation = True
+  objects.download = download            # objects.get(alt=media) calls it by this name
+  for _, handlers in emulator_server.HANDLERS:
+    for method, fn in list(handlers.items()):
+      if fn is original:
+        handlers[method] = download
+
+
 @pytest.fixture(scope="module")
 def gcs():
   """An in-memory GCS emulator with one bucket; returns its endpoint."""
+  _serve_object_generations()
   port = portpicker.pick_unused_port()
   server = emulator_server.create_server("127.0.0.1", port, in_memory=True,
                                          default_bucket=BUCKET)
@@ -168,7 +206,7 @@ def _main(cfg, workdir, endpoint, cache, *overrides):
   return proc
 
 
-@pytest.mark.slow   # not yet seen passing: timed out (600 s) on a 2-core machine at load ~20
+@pytest.mark.slow   # ~65 s on 2 cores (two launches); the 2-process test below covers more
 def test_encoder_job_with_gcs_workdir(gcs, tmp_path):
   cfg = _synthetic_config_file(tmp_path)
   workdir = f"gs://{BUCKET}/encoder"
@@ -189,3 +227,97 @@ def test_encoder_job_with_gcs_workdir(gcs, tmp_path):
   _main(cfg, workdir, gcs, tmp_path / "cache", "--config.train.steps=9")
   results = json.loads((wd / "results.json").read_text())
   assert results["train"]["steps"] == 9 and results["train"]["resumed_from"] == 6
+
+
+@pytest.mark.slow   # ~3 min on 2 cores: see the docstring
+def test_two_process_job_shares_one_gcs_checkpoint_and_resumes_after_sigkill(gcs, tmp_path):
+  """``python -m userllm_jax.main --workdir=gs://...`` as 2 processes x 4 CPU devices (the tiny
+  synthetic encoder job, 9 steps, a checkpoint every 3): both processes write ONE checkpoint in
+  the bucket (Orbax's step directories once, a data-iterator file per process); process 1 is
+  SIGKILLed once step 3 is committed, process 0 is killed too, both are restarted and resume
+  from that checkpoint; ``results.json`` lands in the bucket with ``resumed_from`` = that step,
+  and the losses (the steps logged after the restart) and evaluation metrics equal an
+  uninterrupted 1 process x 8 devices run of the same config (2 x 4 = 1 x 8 itself is
+  test_main_distributed's subject).
+
+  Slow (``--runslow``): ~3 minutes on 2 busy cores (five launches; each compiles its step)."""
+  import signal
+  import time
+
+  import fsspec
+
+  import test_main_distributed as tmd
+
+  cfg = _synthetic_config_file(tmp_path)
+  args = [f"--config={cfg}", "--config.train.steps=9", "--config.train.ckpt_every=3",
+          "--config.train.keep=5", "--config.train.log_every=1"]
+  workdir = f"gs://{BUCKET}/two_procs"
+  wd = paths.path(workdir)
+  ckpts = wd / "checkpoints"
+
+  def committed():
+    # Orbax on an object store (no atomic rename) finishes a step with commit_success.txt.
+    # gcsfs caches listings per instance (epath's has finalize_on_close=True): drop them.
+    fsspec.filesystem("gs", finalize_on_close=True).invalidate_cache()
+    if not ckpts.exists():
+      return []
+    return sorted(int(p.name) for p in ckpts.iterdir()
+                  if p.name.isdigit() and (p / "commit_success.txt").exists())
+
+  pair = tmd.spawn_pair(workdir, tmp_path / "run1", args=args)
+  deadline = time.time() + 600
+  try:
+    while not committed():
+      assert time.time() < deadline, tmd.tail(tmp_path / "run1.0.log")
+      assert pair[0].poll() is None, (
+          f"ended before a checkpoint:\n{tmd.tail(tmp_path / 'run1.0.log')}")
+      time.sleep(0.2)
+    pair[1].send_signal(signal.SIGKILL)
+    pair[1].wait()
+    try:       # process 0 cannot go on without its peer: it errors or blocks in a collective
+      pair[0].wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      pass
+  finally:
+    for p in pair:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  at_kill = committed()
+  assert at_kill and at_kill[-1] < 9, at_kill
+  assert not (wd / "results.json").exists()
+  step = at_kill[-1]
+  # One shared checkpoint: each step directory once in the bucket, the Grain position of each
+  # process in it, and nothing under a local "gs:" path.
+  names = [p.name for p in ckpts.iterdir()]
+  assert len(names) == len(set(names))
+  assert sorted(p.name for p in (ckpts / str(step) / "data").iterdir()
+                if p.name.startswith("process_")) == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert (ckpts / str(step) / "state").is_dir()
+
+  restarted = tmd.spawn_pair(workdir, tmp_path / "run2", args=args)
+  reference = tmd.spawn(tmp_path / "ref", tmp_path / "ref.log", devices=8, args=args)
+  assert tmd.wait(restarted + [reference], timeout=600) == [0, 0, 0], [
+      tmd.tail(tmp_path / f) for f in ("run2.0.log", "run2.1.log", "ref.log")]
+  fsspec.filesystem("gs", finalize_on_close=True).invalidate_cache()
+  results = json.loads((wd / "results.json").read_text())
+  assert results["train"]["resumed_from"] == step and results["train"]["steps"] == 9
+  assert results["processes"] == 2
+  final = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert final[-1] == 9 and (ckpts / "9" / "state").is_dir(), final
+  assert not (REPO / "gs:").exists() and not (tmp_path / "gs:").exists()
+
+  ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+  assert ref["train"]["resumed_from"] == 0 and ref["processes"] == 1
+  # Losses by step. Only the steps the restarted run logged are compared: the metrics lines
+  # of the killed run (steps before the checkpoint) are not in the bucket -- on gs:// the
+  # MetricsWriter's object is rewritten on flush, and a SIGKILLed writer never flushed (a
+  # known gap, reported with this test; local workdirs keep them).
+  from userllm_jax.train.metrics_writer import read_metrics
+  ma, mb = read_metrics(workdir), read_metrics(str(tmp_path / "ref"))
+  assert sorted(mb) == list(range(9)) and max(ma) == 8 and min(ma) <= step, sorted(ma)
+  np.testing.assert_allclose([ma[s]["train/loss"] for s in sorted(ma)],
+                             [mb[s]["train/loss"] for s in sorted(ma)], rtol=2e-5)
+  for split in ("valid", "test"):
+    for k, v in ref[split]["model"].items():
+      np.testing.assert_allclose(results[split]["model"][k], v, rtol=1e-6, err_msg=f"{split} {k}")
