@@ -57,6 +57,7 @@ def test_bad_piece_stops_before_the_job(tmp_path):
   assert not (tmp_path / "work" / "job.log").exists()
 
 
+@pytest.mark.slow   # ~1 min: the same job path runs by default in tests/test_userllm_job.py
 def test_tiny_config_end_to_end(tmp_path):
   spec = importlib.util.spec_from_file_location("cfg", CONFIG)
   mod = importlib.util.module_from_spec(spec)

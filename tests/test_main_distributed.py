@@ -4,7 +4,7 @@ prompt on the real task streams, evaluation with beam search and the genre trie)
 2 processes x 4 CPU devices (``jax.distributed`` on 127.0.0.1) and as 1 process x 8 devices,
 both on the mesh data=2, fsdp=2, tensor=2.
 
-Default run (~5-9 minutes on 2 busy cores, both layouts at once): losses step by step (stage 1
+``@pytest.mark.slow`` like everything here (~5-9 minutes on 2 busy cores, both layouts at once): losses step by step (stage 1
 and stage 2, float tolerance), final parameters of both stages (float tolerance) and every
 evaluation metric (equal) of the 2-process run match the 1-process run.
 
@@ -157,6 +157,8 @@ def layouts(tmp_path_factory):
   return tmp
 
 
+@pytest.mark.slow   # ~4 min on 2 cores; the default run has the same comparison on a toy
+                    # model (test_train_distributed.py) and the topology restores
 def test_two_processes_equal_one_process(layouts):
   tmp = layouts
   with open(tmp / "p2x4" / "stage1" / "results.json") as f:

@@ -55,7 +55,7 @@ def test_both_modes_learn_to_use_the_user(tmp_path):
 
 
 def test_job_runs_every_method_on_the_same_users_and_resumes(tmp_path, monkeypatch):
-  """Cross-attention, soft prompt and TP through the job; TP pays for the history in tokens;
+  """Cross-attention and TP through the job (the soft prompt trains and is evaluated above); TP pays for the history in tokens;
   a SIGTERM during an evaluation exits 0 at the next batch, keeping the finished methods; a
   re-run skips finished methods and reports the same results.
 
@@ -66,34 +66,34 @@ def test_job_runs_every_method_on_the_same_users_and_resumes(tmp_path, monkeypat
   from userllm_jax.stage2 import evaluate as eval_lib
   from userllm_jax.train import preemption
   cfg = tiny_config()
-  cfg.methods = ("userllm_xattn", "userllm_soft_prompt", "tp_lora")
+  cfg.methods = ("userllm_xattn", "tp_lora")
   cfg.train.steps = 3
   cfg.tp.budget = "flops"
   cfg.tasks.num_test_users = 8
   cfg.tasks.history_lengths = (4, 12)
   cfg.encoder.train.steps = 10
   cfg.eval.batch_size = 8
-  # SIGTERM (the real signal, the job-wide handler) while the soft prompt's first evaluation
-  # batch runs: the job stops before the next batch, with cross-attention finished.
+  # SIGTERM (the real signal, the job-wide handler) while TP's first evaluation batch runs:
+  # the job stops before the next batch, with cross-attention finished.
   progress = eval_lib.progress
 
-  def sigterm_in_soft_prompt(iterable, desc, total=None):
+  def sigterm_in_tp(iterable, desc, total=None):
     for i, x in enumerate(progress(iterable, desc, total)):
-      if desc.startswith("userllm_soft_prompt/") and i == 0:
+      if desc.startswith("tp_lora/") and i == 0:
         os.kill(os.getpid(), signal.SIGTERM)
       yield x
 
-  monkeypatch.setattr(eval_lib, "progress", sigterm_in_soft_prompt)
+  monkeypatch.setattr(eval_lib, "progress", sigterm_in_tp)
   with preemption.scope(), pytest.raises(SystemExit) as stop:
     userllm_job.run(cfg, str(tmp_path))
   assert stop.value.code == 0
   assert (tmp_path / "userllm_xattn" / "results.json").exists()
-  assert not (tmp_path / "userllm_soft_prompt" / "results.json").exists()
+  assert not (tmp_path / "tp_lora" / "results.json").exists()
   assert not (tmp_path / "results.json").exists()
   monkeypatch.setattr(eval_lib, "progress", progress)
   res = userllm_job.run(cfg, str(tmp_path))
   methods = res["methods"]
-  assert set(methods) == {"userllm_xattn", "userllm_soft_prompt", "tp_lora"}
+  assert set(methods) == {"userllm_xattn", "tp_lora"}
   for name, m in methods.items():
     assert np.isfinite(m["train"]["final_loss"]), (name, m["train"])
     assert 0.0 <= m["genre_accuracy"] <= 1.0 and 0.0 <= m["recall@1"] <= m["recall@4"] <= 1.0

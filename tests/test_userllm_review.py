@@ -131,6 +131,7 @@ def test_review_targets_cut_without_eos_only_when_asked():
   assert f["tokens_BxL"][p + 6] == tok.eos_id and int(f["loss_mask_BxL"].sum()) == 7
 
 
+@pytest.mark.slow   # ~1 min: the default run keeps ROUGE-L hand-computed and the review configs
 def test_job_scores_review_generation_with_rouge_l(tmp_path):
   from rouge_score import rouge_scorer
   from userllm_jax.jobs import userllm_job

@@ -421,6 +421,7 @@ def run_training(config, workdir: str, *, build_model: Callable[[nnx.Rngs], nnx.
           checkpointer.save(step, saved_part(state),
                             feed.position() if data_ckpt is not None else None,
                             force=preempted)
+          writer.flush()   # on an object store, the metrics up to the checkpoint survive a kill
         if step_hook is not None:
           step_hook(step, ctx)
         if preempted:
