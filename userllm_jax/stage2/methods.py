@@ -292,5 +292,5 @@ def train_step_flops(spec: MethodSpec, batch: dict, *, max_target_tokens: int,
   abs_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), batch)
   flops = lowered_flops(jax.jit(step).lower(params, rest, abs_batch))
   if not np.isfinite(flops) or flops <= 0:
-    raise RuntimeError(f"train_step_flops({spec.name}): XLA gave no FLOP count ({cost})")
+    raise RuntimeError(f"train_step_flops({spec.name}): XLA gave no FLOP count (got {flops})")
   return flops

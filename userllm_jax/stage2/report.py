@@ -38,9 +38,12 @@ def _grid(head: list[str], rows: list[list[str]]) -> str:
 def format_table(rows: dict[str, dict], baselines: Optional[dict[str, dict]] = None) -> str:
   """Methods (and baselines) x metrics; intervals in brackets."""
   everything = list(rows.values()) + list((baselines or {}).values())
-  cols = [c for c in QUALITY + COST if any(c in r for r in everything)]
+  cols = [c for c in QUALITY + COST if any(isinstance(r.get(c), (int, float)) for r in everything)]
   body = [[name] + [_fmt(r, c) for c in cols] for name, r in rows.items()]
-  body += [[f"({name})"] + [_fmt(r, c) for c in cols] for name, r in (baselines or {}).items()]
+  for name, r in (baselines or {}).items():
+    cells = [_fmt(r, c) for c in cols]
+    if any(x != "-" for x in cells):  # a baseline of a task that did not run has no row
+      body.append([f"({name})"] + cells)
   return _grid(["method"] + cols, body)
 
 
