@@ -270,9 +270,16 @@ def _generate_jit(graphdef, state, cache, logits, media, mmask, trie, rng, tempe
     out = out.at[:, step].set(tok)
     logp_out = logp_out.at[:, step].set(lp)
     done = done | jnp.isin(tok, stops)
-    new_logits, cache = model(tok[:, None], media_BxMxD=media, media_mask_BxM=mmask,
-                              cache=cache, logits_vocab_ids=vocab_ids)
-    return step + 1, cache, new_logits[:, 0].astype(jnp.float32), out, logp_out, done, node
+
+    def forward(cache):
+      new_logits, cache = model(tok[:, None], media_BxMxD=media, media_mask_BxM=mmask,
+                                cache=cache, logits_vocab_ids=vocab_ids)
+      return new_logits[:, 0].astype(jnp.float32), cache
+
+    # No forward after the last token (N tokens = the prompt pass + N - 1 decode steps).
+    logits, cache = jax.lax.cond((step + 1 < max_new) & ~jnp.all(done), forward,
+                                 lambda cache: (logits, cache), cache)
+    return step + 1, cache, logits, out, logp_out, done, node
 
   init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((B, max_new), -1, jnp.int32),
           jnp.zeros((B, max_new), jnp.float32), jnp.zeros((B,), bool), node0)
@@ -330,12 +337,16 @@ def _beam_jit(graphdef, state, cache, logits, media, mmask, trie, *, num_beams, 
       return raw
     return raw / jnp.maximum(length, 1).astype(jnp.float32) ** length_penalty
 
-  def cond(c):
-    step, _, _, _, alive_raw, _, fin_score, _, _, _ = c
+  def more(step, alive_raw, fin_score):
+    """Whether step ``step`` runs: a live beam could still beat a finished one."""
     best_alive = norm(jnp.max(alive_raw, axis=1), jnp.full((B,), N))
     worst_fin = jnp.min(fin_score, axis=1)
     done = (worst_fin > _NEG / 2) & (best_alive <= worst_fin)
     return (step < N) & ~jnp.all(done)
+
+  def cond(c):
+    step, _, _, _, alive_raw, _, fin_score, _, _, _ = c
+    return more(step, alive_raw, fin_score)
 
   def body(c):
     step, cache, logits, alive_tok, alive_raw, fin_tok, fin_score, fin_raw, fin_len, node = c
@@ -373,10 +384,17 @@ def _beam_jit(graphdef, state, cache, logits, media, mmask, trie, *, num_beams, 
       flat = (jnp.arange(B)[:, None] * K + alive_parent).reshape(-1)
       node = trie.advance(node[flat], jnp.take_along_axis(loc, asel, axis=1).reshape(-1),
                           restrict)
-    cache = _gather_beams(cache, alive_parent, K, start=prompt_slots)
-    new_logits, cache = model(last, media_BxMxD=media_k, media_mask_BxM=mmask_k, cache=cache,
-                              logits_vocab_ids=vocab_ids)
-    return (step + 1, cache, new_logits[:, 0].astype(jnp.float32), alive_tok, alive_raw,
+
+    def forward(cache):
+      cache = _gather_beams(cache, alive_parent, K, start=prompt_slots)
+      new_logits, cache = model(last, media_BxMxD=media_k, media_mask_BxM=mmask_k, cache=cache,
+                                logits_vocab_ids=vocab_ids)
+      return new_logits[:, 0].astype(jnp.float32), cache
+
+    # No forward when the loop ends here (last step, or no live beam can win any more).
+    logits, cache = jax.lax.cond(more(step + 1, alive_raw, fin_score), forward,
+                                 lambda cache: (logits, cache), cache)
+    return (step + 1, cache, logits, alive_tok, alive_raw,
             fin_tok, fin_score, fin_raw, fin_len, node)
 
   alive_raw = jnp.full((B, K), _NEG).at[:, 0].set(0.0)
