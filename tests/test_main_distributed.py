@@ -52,7 +52,8 @@ ENCODER_ARGS = ["--config=configs/encoder_movielens_100k.py:tiny", "--config.tra
 
 
 def spawn(workdir, log, *, devices, process_id=None, port=None, extra=(), args=ARGS):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   cmd = [sys.executable, "-m", "userllm_jax.main", f"--workdir={workdir}", *args, *extra]
   if process_id is not None:

@@ -103,7 +103,8 @@ def test_assert_sharded_on_a_4_device_mesh():
         out['error'] = str(e)
       print('RESULT' + json.dumps(out))
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=120)

@@ -64,7 +64,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
   """Multi-process: JAX's preemption sync point (train/preemption.py) -- SIGTERM to process 0
   only; both processes checkpoint the same step and exit 0, and the checkpoint resumes."""
   port = portpicker.pick_unused_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
 
   def worker(i, extra=()):

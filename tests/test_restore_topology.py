@@ -28,7 +28,8 @@ STEPS, BATCH = 4, 8
 
 
 def _spawn(devices, args):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   return subprocess.Popen([sys.executable, WORKER, f"--steps={STEPS}", f"--batch={BATCH}",
                            f"--ckpt_every={STEPS}", "--data=strided"] + args, cwd=REPO,

@@ -12,7 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _report(tmp_path, *args):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+                       " --xla_force_host_platform_device_count=8")
   out = tmp_path / "report.json"
   proc = subprocess.run(
       [sys.executable, "-m", "userllm_jax.train.sharding_report", "--layers=1", "--seq=32",
