@@ -55,9 +55,10 @@ def test_both_modes_learn_to_use_the_user(tmp_path):
 
 
 def test_job_runs_every_method_on_the_same_users_and_resumes(tmp_path, monkeypatch):
-  """Cross-attention and TP through the job (the soft prompt trains and is evaluated above); TP pays for the history in tokens;
-  a SIGTERM during an evaluation exits 0 at the next batch, keeping the finished methods; a
-  re-run skips finished methods and reports the same results.
+  """Cross-attention and TP through the job (the soft prompt trains and is evaluated above);
+  TP pays for the history in tokens; a SIGTERM during an evaluation exits 0 at the next
+  batch, keeping the finished methods; a re-run skips finished methods and reports the same
+  results.
 
   (The same through ``python -m userllm_jax.main``, compared with an uninterrupted run:
   tests/test_main_distributed.py, ``--runslow``.)"""

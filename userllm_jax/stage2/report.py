@@ -38,7 +38,7 @@ def _grid(head: list[str], rows: list[list[str]]) -> str:
 def format_table(rows: dict[str, dict], baselines: Optional[dict[str, dict]] = None) -> str:
   """Methods (and baselines) x metrics; intervals in brackets."""
   everything = list(rows.values()) + list((baselines or {}).values())
-  cols = [c for c in QUALITY + COST if any(isinstance(r.get(c), (int, float)) for r in everything)]
+  cols = [c for c in QUALITY + COST if any(_fmt(r, c) != "-" for r in everything)]
   body = [[name] + [_fmt(r, c) for c in cols] for name, r in rows.items()]
   for name, r in (baselines or {}).items():
     cells = [_fmt(r, c) for c in cols]
