@@ -7,8 +7,11 @@ closed-set scoring, at two prompt lengths.
 * Catalogue: ``--titles`` random token sequences of 3-15 tokens (+ EOS) drawn from a pool of
   ``--token_pool`` random token ids (a stand-in for tokenized movie titles, whose tokens
   repeat: K, the restricted vocabulary, is printed).
-* Beam search: ``Sampler.beam_search(trie=..., restrict_vocab=False)`` (all V logits, then
-  the mask; the reference) vs ``restrict_vocab=True`` (logits only over the trie's K tokens).
+* Beam search: ``Sampler.beam_search(trie=..., restrict_vocab=False, finish_forced=False)``
+  (all V logits, then the mask, every title decoded to its EOS; the reference) vs
+  ``restrict_vocab=True`` (logits only over the trie's K tokens), then also
+  ``finish_forced=True`` (the default: a beam finishes once its title is decided); the
+  decode-loop steps of each are printed.
 * Closed set: ``Sampler.score_candidates`` of ``--genres`` random 1-3-token candidates + EOS
   (union normalisation), vs a trie-constrained full-vocabulary beam search over the same
   candidates with as many beams as candidates (what a decoder would do otherwise).
@@ -99,22 +102,31 @@ def main(argv=None) -> int:
   for L in (int(x) for x in args.prompt_lens.split(",")):
     prompts = [[BOS] + [int(t) for t in rng.integers(1000, V, L - 1)]
                for _ in range(args.batch)]
-    rows = []
-    beam = lambda restrict: (lambda: s.beam_search(
-        prompts, num_beams=args.beams, max_new_tokens=args.max_new, trie=trie,
-        restrict_vocab=restrict))
-    rows.append(("catalogue beam, full vocab (ref)", timed(beam(False), args.repeats)))
-    rows.append(("catalogue beam, restricted vocab", timed(beam(True), args.repeats)))
+    rows = []   # (name, (prefill s, total s), index of its reference row or None)
+
+    def beam(restrict, forced):
+      def run():
+        out = s.beam_search(prompts, num_beams=args.beams, max_new_tokens=args.max_new,
+                            trie=trie, restrict_vocab=restrict, finish_forced=forced)
+        steps[(restrict, forced)] = out.steps
+        return out
+      return run
+    steps = {}
+    rows.append(("catalogue beam, full vocab (ref)", timed(beam(False, False), args.repeats),
+                 None))
+    rows.append(("catalogue beam, restricted vocab", timed(beam(True, False), args.repeats), 0))
+    rows.append(("  + decided beams finish at once", timed(beam(True, True), args.repeats), 0))
     gbeam = lambda: s.beam_search(prompts, num_beams=len(genres), max_new_tokens=4,
-                                  trie=genre_trie, restrict_vocab=False)
-    rows.append(("closed set: beam, full vocab (ref)", timed(gbeam, args.repeats)))
+                                  trie=genre_trie, restrict_vocab=False, finish_forced=False)
+    rows.append(("closed set: beam, full vocab (ref)", timed(gbeam, args.repeats), None))
     rows.append(("closed set: score_candidates", timed(
-        lambda: s.score_candidates(prompts, genres), args.repeats)))
-    for i, (name, (pre, tot)) in enumerate(rows):
-      ref = rows[i - 1][1][1] if i % 2 else None
-      speed = f"{ref / tot:>7.1f}x" if ref else ""
+        lambda: s.score_candidates(prompts, genres), args.repeats), 3))
+    for name, (pre, tot), ref in rows:
+      speed = f"{rows[ref][1][1] / tot:>7.1f}x" if ref is not None else ""
       print(f"{L:>6} {name:<34} {1e3 * pre / args.batch:>13.1f} "
             f"{1e3 * tot / args.batch:>11.1f} {speed:>8}", flush=True)
+    print(f"{L:>6} decode-loop steps: plain {steps[(True, False)]}, decided beams finish at "
+          f"once {steps[(True, True)]}", flush=True)
   return 0
 
 

@@ -79,7 +79,6 @@ def _tiny():
   c.tp.budget_tokens = 96
   c.max_prompt_tokens = 16
   c.max_target_tokens = 8
-  c.train.update(dict(steps=120, batch_size=16, lr=3e-3, warmup_steps=5, log_every=20,
-                      loss_vocab="full"))
+  c.train.update(dict(steps=120, batch_size=16, lr=3e-3, warmup_steps=5, log_every=20))
   c.eval.update(dict(beams=4, ks=(1, 4), batch_size=20))
   return c

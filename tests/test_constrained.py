@@ -117,6 +117,37 @@ def test_restricted_beam_search_equals_full_vocab(con):
   np.testing.assert_allclose(r2.scores_BxK, f2.scores_BxK, rtol=1e-5, atol=1e-4)
 
 
+def test_forced_beams_finish_early_with_their_exact_scores(con):
+  """finish_forced (default): a beam at a forced trie node finishes at once, its path
+  written out.  Its score is the sequence's exact trie-constrained log-probability (brute
+  force: score_candidates), the loop runs fewer steps, and at every rank it scores at
+  least what the plain token-by-token beam search finds (it keeps what the plain search may
+  push out)."""
+  t, c = con
+  s = Sampler(_model(), eos_id=EOS, pad_id=PAD)
+  kw = dict(num_beams=4, max_new_tokens=8, trie=c)
+  fast = s.beam_search(PROMPTS, **kw)
+  plain = s.beam_search(PROMPTS, finish_forced=False, **kw)
+  full = s.beam_search(PROMPTS, restrict_vocab=False, **kw)
+  np.testing.assert_array_equal(fast.tokens_BxKxN, full.tokens_BxKxN)
+  assert fast.steps < plain.steps
+  titles = _titles()
+  exact = s.score_candidates(PROMPTS, titles, normalize="trie").logprobs_BxC
+  for b in range(len(PROMPTS)):
+    got = []
+    for k in range(4):
+      n = int(fast.lengths_BxK[b, k])
+      row = fast.tokens_BxKxN[b, k, :n].tolist()
+      assert fast.finished_BxK[b, k] and row in titles
+      np.testing.assert_allclose(fast.logprobs_BxK[b, k], exact[b, titles.index(row)],
+                                 atol=1e-4)
+      got.append(row)
+    assert len({tuple(r) for r in got}) == 4
+    # the best title of the whole catalogue is found, and no rank is worse than plain's
+    assert got[0] == titles[int(np.argmax(exact[b]))]
+    assert np.all(fast.scores_BxK[b] >= plain.scores_BxK[b] - 1e-4)
+
+
 def test_restricted_greedy_equals_full_vocab(con):
   t, c = con
   s = Sampler(_model(), eos_id=EOS, pad_id=PAD)

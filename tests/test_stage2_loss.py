@@ -63,3 +63,64 @@ def test_answer_vocabulary_loss_is_the_softmax_renormalised_over_the_answers():
   small = loss_lib.answer_vocabulary([[7]], eos_id=1)
   _, m = loss_lib.next_token_loss(fwd, batch, max_target_tokens=3, vocab_ids=small)
   assert float(m["targets_outside_vocab"]) > 0
+
+
+def test_trie_normalised_loss_on_cut_targets_equals_the_whole_targets_constrained_nll():
+  """Two tasks' answer tries: the loss on targets cut to their deciding tokens equals the
+  trie-constrained NLL of the *whole* targets (every later token is forced: log-prob 0),
+  computed by hand from full forwards with each step renormalised over the allowed tokens."""
+  from userllm_jax.eval import trie as trie_lib
+  cfg = gemma_lib.tiny(vocab_size=48, num_layers=2, embed_dim=16, mlp_dim=32,
+                       sliding_window=64)
+  model = gemma_lib.Gemma3(cfg, rngs=nnx.Rngs(0))
+  EOS = 1
+  titles = [[5, 6, 7, 8, EOS], [5, 6, 9, EOS], [10, 11, 12, EOS], [5, 13, EOS]]
+  genres = [[20, EOS], [21, 22, EOS], [23, EOS]]
+  tries = {"next_item": trie_lib.TitleTrie(titles, eos_id=EOS),
+           "fav_genre": trie_lib.TitleTrie(genres, eos_id=EOS)}
+  vocab = loss_lib.answer_vocabulary(titles + genres, eos_id=EOS)
+  at = loss_lib.AnswerTries(tries, vocab)
+  assert at.cut("next_item", titles[0])[0] == [5, 6, 7]   # 5 6 branches into 7 / 9
+  assert at.cut("next_item", titles[2])[0] == [10]
+  assert at.cut("fav_genre", genres[1])[0] == [21]
+  with pytest.raises(ValueError, match="not an answer of task 'fav_genre'"):
+    at.cut("fav_genre", [20, 5, EOS])
+  with pytest.raises(ValueError, match="no closed answer set"):
+    at.cut("review", [5, EOS])
+
+  rows = [([2, 30, 31], "next_item", titles[0]), ([2, 32], "next_item", titles[1]),
+          ([2, 33, 34, 35], "fav_genre", genres[1]), ([2, 36], "next_item", titles[2])]
+  B, N = len(rows), 3
+  L = 4 + N
+  batch = {k: np.zeros((B, L), np.int32) for k in ("tokens_BxL", "targets_BxL",
+                                                   "loss_mask_BxL", "input_mask_BxL")}
+  batch["prompt_len_B"] = np.array([len(p) for p, _, _ in rows], np.int32)
+  nodes = np.full((B, N), -1, np.int32)
+  for b, (p, task, target) in enumerate(rows):
+    kept, nd = at.cut(task, target)
+    seq = p + kept
+    batch["tokens_BxL"][b, :len(seq)] = seq
+    batch["targets_BxL"][b, :len(seq) - 1] = seq[1:]
+    batch["loss_mask_BxL"][b, len(p) - 1:len(seq) - 1] = 1
+    batch["input_mask_BxL"][b, :len(seq)] = 1
+    nodes[b, :len(nd)] = nd
+  batch["answer_node_BxN"] = nodes
+  batch = at.add_allowed(batch)
+  assert batch["answer_allowed_BxNxK"].shape == (B, N, len(vocab))
+  fwd = lambda t, m, lp, v: model(t, input_mask_BxL=m, logits_positions=lp,
+                                  **({} if v is None else {"logits_vocab_ids": v}))
+  loss, m = loss_lib.next_token_loss(fwd, batch, max_target_tokens=N, vocab_ids=vocab)
+  n_kept = int(batch["loss_mask_BxL"].sum())
+  assert float(m["num_tokens"]) == n_kept == 3 + 3 + 1 + 1
+
+  total = 0.0
+  for p, task, target in rows:                 # whole targets, one full forward each
+    seq = np.asarray([p + target], np.int32)
+    logits = np.asarray(model(jnp.asarray(seq)), np.float64)[0]
+    for j, t in enumerate(target):
+      allowed = tries[task].allowed(target[:j])
+      lp = _log_softmax(logits[len(p) - 1 + j][allowed])
+      total -= lp[allowed.index(t)]
+  np.testing.assert_allclose(float(loss) * n_kept, total, rtol=1e-4)
+  with pytest.raises(ValueError, match="needs vocab_ids"):
+    loss_lib.next_token_loss(fwd, batch, max_target_tokens=N)

@@ -183,3 +183,36 @@ def test_sampler_beam_search_with_trie_gives_catalogue_titles(built, seed=0):
   g = s.generate(prompts, max_new_tokens=24, logits_processor=proc)
   for row in g.tokens_BxN:
     assert t.is_complete(row.tolist())
+
+
+def test_forced_nodes_and_decisive_lengths(built):
+  """Hand-computed: the tokens after which each title is the only one left."""
+  tok, t, arr = built
+  enc = lambda s: tok.encode(s) + [tok.eos_id]
+  # 'F' is the only title starting with F; "Toy Story " branches into '(' and '2';
+  # "Hea" ends there or goes on ('t'): only its EOS decides it; "Heat" branches (' ', 'h').
+  want = {"Fargo (1996)": 1, "Toy Story (1995)": len("Toy Story ("),
+          "Toy Story 2 (1999)": len("Toy Story 2"), "Hea": 4, "Heat (1995)": 5,
+          "Heathers (1988)": 5}
+  for title, k in want.items():
+    assert t.decisive_length(enc(title)) == k, title
+    nodes = t.nodes_along(enc(title)[:k])
+    assert nodes[0] == 0 and len(nodes) == k
+    # every later prefix allows exactly one token; the decisive prefix's node is forced
+    for j in range(k, len(enc(title))):
+      assert t.allowed(enc(title)[:j]) == [enc(title)[j]]
+    assert not t.forced_nodes[nodes[-1]]
+  with pytest.raises(ValueError, match="leaves the trie"):
+    t.decisive_length(enc("Zzz"))
+  with pytest.raises(ValueError, match="not a complete"):
+    t.decisive_length(tok.encode("Toy Story"))
+  # the array form completes a forced state's path, EOS included, from a given position
+  st = trie_lib.state_after(arr, jnp.asarray([tok.encode("Heat "), tok.encode("Heat ")]), 5)
+  st = jnp.concatenate([st, jnp.zeros((1,), jnp.int32)])     # the root: not forced
+  toks = jnp.full((3, 12), -1, jnp.int32)
+  out, added = trie_lib.complete_forced(arr, st, toks, jnp.asarray([0, 3, 0]))
+  rest = enc("(1995)")
+  assert np.asarray(added).tolist() == [len(rest), len(rest), 0]
+  np.testing.assert_array_equal(np.asarray(out)[0, :len(rest)], rest)
+  np.testing.assert_array_equal(np.asarray(out)[1, 3:3 + len(rest)], rest)
+  assert (np.asarray(out)[2] == -1).all()

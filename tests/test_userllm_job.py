@@ -20,12 +20,15 @@ def tiny_config():
 
 
 def test_both_modes_learn_to_use_the_user(tmp_path):
-  """Favourite genre on planted data: each trained mode beats itself with the user zeroed."""
+  """Favourite genre on planted data: each trained mode beats itself with the user zeroed
+  (cross-attention on the full-vocabulary loss, the soft prompt on the default
+  trie-normalised one)."""
   from userllm_jax.data import tasks as tasks_lib
   from userllm_jax.jobs import encoder_job
   from userllm_jax.stage2 import evaluate as eval_lib
   from userllm_jax.stage2 import examples as examples_lib
   from userllm_jax.stage2 import llm as llm_lib
+  from userllm_jax.stage2 import loss as loss_lib
   from userllm_jax.stage2 import methods as methods_lib
   cfg = tiny_config()
   cfg.tasks.names = ("fav_genre",)
@@ -37,10 +40,15 @@ def test_both_modes_learn_to_use_the_user(tmp_path):
   gemma, tok = llm_lib.load_llm(cfg, catalog)
   answers = eval_lib.AnswerSets.build(catalog, tok, gemma.cfg.vocab_size)
   chance = 1.0 / len(answers.genre_ids)
-  for name in ("userllm_xattn", "userllm_soft_prompt"):
+  # The soft prompt with the default trie-normalised loss (genre targets cut to one token).
+  cfg.train.loss_vocab = "trie"
+  trie_vocab, tries = loss_lib.loss_vocabulary(cfg, answers, eos_id=tok.eos_id)
+  for name, vocab, at in (("userllm_xattn", None, None),
+                          ("userllm_soft_prompt", trie_vocab, tries)):
     spec = methods_lib.build_method(cfg, name, encoder=encoder, gemma=gemma, tokenizer=tok,
                                     catalog=catalog)
-    tm = methods_lib.train_method(cfg, spec, str(tmp_path), data.train, tok, vocab_ids=None)
+    tm = methods_lib.train_method(cfg, spec, str(tmp_path), data.train, tok, vocab_ids=vocab,
+                                  answer_tries=at)
     assert tm.train_info["final_loss"] < tm.train_info["first_loss"]
     got = eval_lib.evaluate_method(cfg, tm, data, tok, answers, 12)
     ablated = methods_lib.TrainedMethod(dataclasses.replace(spec, ablate_users=True), tm.model,

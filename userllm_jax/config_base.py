@@ -160,10 +160,12 @@ def userllm_job(encoder: ConfigDict, *, llm: str = "gemma3-270m",
   c.max_target_tokens = 40        # longest tokenized title + EOS must fit (else an error)
   c.max_review_tokens = 64        # task 'review': targets cut to this; new tokens at eval
 
-  # loss_vocab 'answers': softmax over the tokens of all answers (titles, genres, EOS),
-  # 'full': all LLM tokens (free-text tasks such as review force it); stage2/loss.py.
+  # loss_vocab 'trie': each target token's softmax over what its task's answer trie allows
+  # (what constrained decoding ranks by; targets cut to their deciding tokens), 'answers':
+  # over the tokens of all answers, 'full': over all LLM tokens (free text: reviews);
+  # stage2/loss.py.
   c.train = train_section(1000, 16, 1e-3, warmup_steps=50, log_every=50, keep=1,
-                          loss_vocab="answers")
+                          loss_vocab="trie")
   c.eval = ConfigDict(dict(beams=10, ks=(1, 5, 10), batch_size=32, review_beams=1,
                            confidence=0.95))
   c.mesh = mesh_section()

@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Collection, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -447,14 +447,25 @@ def encode_target(target: str, tokenizer: TokenizerLike, max_target_tokens: int,
   return ids
 
 
+# ``answer_cut(task, target_ids) -> (kept_ids, node_ids)``: a closed-answer task's target cut
+# to the tokens that decide it, with the answer-trie node before each kept token
+# (``stage2/loss.AnswerTries.cut``).
+AnswerCut = Callable[[str, list], tuple[list, list]]
+
+
 def tokenize_example(example: Example, prompt: str, tokenizer: TokenizerLike, *,
                      max_prompt_tokens: int, max_target_tokens: int,
                      target_limit: Optional[int] = None,
-                     truncate_target: bool = False) -> dict[str, np.ndarray]:
+                     truncate_target: bool = False,
+                     answer_cut: Optional[AnswerCut] = None) -> dict[str, np.ndarray]:
   """Training features for one example (``L = max_prompt_tokens + max_target_tokens``).
 
   The target (+ EOS) must fit ``target_limit`` (default ``max_target_tokens``,
   at most that); ``truncate_target``: cut to it instead (see :func:`encode_target`).
+  ``answer_cut``: the whole target must fit ``target_limit`` (which may then exceed
+  ``max_target_tokens``), and is then cut to its deciding tokens (no EOS after them) and
+  ``answer_node_BxN`` (``[max_target_tokens]``, -1 past the target) holds each kept
+  token's answer-trie node.
 
   Keys carry the batched shapes (one example has no batch axis):
   ``tokens_BxL``: ``[BOS] prompt target [EOS]`` then PAD; ``targets_BxL``:
@@ -464,11 +475,20 @@ def tokenize_example(example: Example, prompt: str, tokenizer: TokenizerLike, *,
   """
   where = f"user {example.user_index} task {example.task} cut {example.cut}: "
   limit = max_target_tokens if target_limit is None else int(target_limit)
-  if not 0 < limit <= max_target_tokens:
+  if limit <= 0 or (limit > max_target_tokens and answer_cut is None):
     raise ValueError(f"{where}target_limit={target_limit} must be in [1, max_target_tokens="
                      f"{max_target_tokens}]")
   p = encode_prompt(prompt, tokenizer, max_prompt_tokens, where=where)
   t = encode_target(example.target, tokenizer, limit, where=where, truncate=truncate_target)
+  nodes = None
+  if answer_cut is not None:
+    try:
+      t, nodes = answer_cut(example.task, t)
+    except ValueError as e:
+      raise ValueError(f"{where}{e}") from None
+    if len(t) > max_target_tokens:
+      raise ExampleTooLongError(f"{where}target's deciding tokens: {len(t)} > "
+                                f"max_target_tokens={max_target_tokens}")
   seq = p + t
   length = max_prompt_tokens + max_target_tokens
   tokens = np.full((length,), tokenizer.pad_id, np.int32)
@@ -481,6 +501,10 @@ def tokenize_example(example: Example, prompt: str, tokenizer: TokenizerLike, *,
   input_mask[:len(seq)] = 1
   out = {"tokens_BxL": tokens, "targets_BxL": targets, "loss_mask_BxL": loss_mask,
          "input_mask_BxL": input_mask, "prompt_len_B": np.int32(len(p))}
+  if nodes is not None:
+    node_row = np.full((max_target_tokens,), -1, np.int32)
+    node_row[:len(nodes)] = nodes
+    out["answer_node_BxN"] = node_row
   out.update(history_features(example))
   return out
 
@@ -518,7 +542,9 @@ def stage2_dataset(examples: Sequence[Example], prompts: Sequence[str], tokenize
                    max_prompt_tokens: int, max_target_tokens: int, batch_size: int, seed: int,
                    num_epochs: Optional[int] = None, drop_remainder: bool = True,
                    task_target_tokens: Optional[Mapping[str, int]] = None,
-                   truncate_tasks: Collection[str] = (), batch_by_task: bool = False):
+                   truncate_tasks: Collection[str] = (), batch_by_task: bool = False,
+                   answer_cut: Optional[AnswerCut] = None,
+                   batch_fn: Optional[Callable[[dict], dict]] = None):
   """A Grain ``MapDataset`` of stage-2 training batches (seeded shuffle, repeated, batched).
 
   All examples are tokenized up front, so a too-long example raises here, not
@@ -531,6 +557,10 @@ def stage2_dataset(examples: Sequence[Example], prompts: Sequence[str], tokenize
   target *of that task* (a favourite-genre batch is ~20 tokens long, a next-item batch ~45):
   the tasks' batch streams are mixed in proportion to their example counts (``L`` then
   differs between batches: one compiled step per task).
+
+  ``answer_cut``: targets cut to their deciding tokens (:func:`tokenize_example`; the
+  padded target length is then the longest *cut* target); ``batch_fn(batch) -> batch``:
+  applied to every batch (e.g. ``AnswerTries.add_allowed``).
   """
   import grain  # pylint: disable=g-import-not-at-top
   if len(examples) != len(prompts):
@@ -540,15 +570,29 @@ def stage2_dataset(examples: Sequence[Example], prompts: Sequence[str], tokenize
   limits = dict(task_target_tokens or {})
 
   def tokenize(pairs, target_len):
+    # With answer_cut the whole target must fit its task's limit, the cut one the padding.
     return [tokenize_example(e, p, tokenizer, max_prompt_tokens=max_prompt_tokens,
                              max_target_tokens=target_len,
-                             target_limit=min(limits.get(e.task, target_len), target_len),
-                             truncate_target=e.task in truncate_tasks)
+                             target_limit=(limits.get(e.task, max_target_tokens)
+                                           if answer_cut is not None else
+                                           min(limits.get(e.task, target_len), target_len)),
+                             truncate_target=e.task in truncate_tasks,
+                             answer_cut=answer_cut)
             for e, p in pairs]
 
   def batches(feats, task_seed):
     ds = grain.MapDataset.source(feats).shuffle(seed=task_seed).repeat(num_epochs)
-    return ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds if batch_fn is None else ds.map(batch_fn)
+
+  def target_tokens(e):
+    ids = list(tokenizer.encode(e.target)) + [tokenizer.eos_id]
+    if answer_cut is None:
+      return len(ids)
+    try:
+      return len(answer_cut(e.task, ids)[0])
+    except ValueError as err:
+      raise ValueError(f"user {e.user_index} task {e.task} cut {e.cut}: {err}") from None
 
   pairs = list(zip(examples, prompts))
   if not batch_by_task:
@@ -559,7 +603,7 @@ def stage2_dataset(examples: Sequence[Example], prompts: Sequence[str], tokenize
   streams, weights = [], []
   for i, (task, task_pairs) in enumerate(sorted(by_task.items())):
     limit = min(limits.get(task, max_target_tokens), max_target_tokens)
-    longest = max(len(tokenizer.encode(e.target)) + 1 for e, _ in task_pairs)
+    longest = max(target_tokens(e) for e, _ in task_pairs)
     streams.append(batches(tokenize(task_pairs, min(limit, longest)), seed + 1000 * i))
     weights.append(len(task_pairs))
   if len(streams) == 1:

@@ -12,7 +12,9 @@ Two views of the same trie:
 * Python: :meth:`TitleTrie.allowed` (allowed next tokens after a prefix),
   :meth:`TitleTrie.items_for` (the item ids whose title is a token sequence).
 * Arrays for jitted decoding: :class:`TrieArrays` holds a CSR edge list plus a
-  dense child table for the root (the one node with thousands of children).
+  dense child table for the root (the one node with thousands of children), and which
+  nodes are *forced* (a single path down to their leaf: every further token is the only one
+  allowed).
   The decoding state of one sequence is a node id (``int32``); :func:`allowed_mask`
   gives the boolean mask of allowed tokens for a batch of states and
   :func:`advance` moves the states by the chosen tokens.  After EOS (a leaf),
@@ -57,6 +59,7 @@ class TitleTrie:
     # children[node] = {token: child}; node 0 is the root.
     self._children: list[dict[int, int]] = [{}]
     self._items: dict[int, list[int]] = {}  # leaf node -> item ids
+    self._forced: Optional[np.ndarray] = None
     for i, seq in enumerate(sequences):
       seq = [int(t) for t in seq]
       if not seq or seq[-1] != self.eos_id:
@@ -120,6 +123,50 @@ class TitleTrie:
     node = self._walk(seq)
     return node != DEAD and node in self._items
 
+  @property
+  def forced_nodes(self) -> np.ndarray:
+    """``bool [num_nodes]``: the node's subtree is a single path (a leaf is forced): from
+    there on the trie allows exactly one token at each step, down to EOS."""
+    if self._forced is None:
+      forced = np.zeros(self.num_nodes, bool)
+      for node in range(self.num_nodes - 1, -1, -1):   # children have larger ids than parents
+        ch = self._children[node]
+        forced[node] = not ch or (len(ch) == 1 and forced[next(iter(ch.values()))])
+      self._forced = forced
+    return self._forced
+
+  def decisive_length(self, seq: Sequence[int]) -> int:
+    """The number of leading tokens of ``seq`` (a complete sequence, EOS included) that
+    decide it: after them the trie is at a forced node, so each later token is the only one
+    allowed (a constrained log-probability of exactly 0).  Raises unless ``seq`` is one of
+    the trie's complete sequences."""
+    node, decided = 0, None
+    forced = self.forced_nodes
+    for k, tok in enumerate(seq):
+      if decided is None and forced[node]:
+        decided = k
+      node = self._children[node].get(int(tok), DEAD)
+      if node == DEAD:
+        raise ValueError(f"TitleTrie.decisive_length: {list(seq)} leaves the trie at token {k}")
+    if node not in self._items:
+      raise ValueError(f"TitleTrie.decisive_length: {list(seq)} is not a complete sequence")
+    return len(seq) if decided is None else decided
+
+  def nodes_along(self, seq: Sequence[int]) -> list[int]:
+    """The node before each token of ``seq`` (``nodes_along(s)[j]`` = the node after
+    ``s[:j]``); raises if ``seq`` leaves the trie."""
+    nodes, node = [], 0
+    for k, tok in enumerate(seq):
+      nodes.append(node)
+      node = self._children[node].get(int(tok), DEAD)
+      if node == DEAD:
+        raise ValueError(f"TitleTrie.nodes_along: {list(seq)} leaves the trie at token {k}")
+    return nodes
+
+  def children_tokens(self, node: int) -> list[int]:
+    """Sorted tokens of ``node``'s edges (what the trie allows there; [] at a leaf)."""
+    return sorted(self._children[node])
+
   def items_for(self, seq: Sequence[int]) -> list[int]:
     """Item ids whose title tokenizes to ``seq`` (up to its first EOS); [] if none."""
     seq = list(seq)
@@ -150,6 +197,7 @@ class TitleTrie:
         tokens.append(tok)
         children.append(ch[tok])
     root_child = np.full(vocab_size, DEAD, np.int32)
+    forced = self.forced_nodes
     for tok, child in self._children[0].items():
       root_child[tok] = child
     max_branch = max([len(ch) for ch in self._children[1:]] + [1])
@@ -159,8 +207,9 @@ class TitleTrie:
         edge_start=jnp.asarray(edge_start), edge_count=jnp.asarray(edge_count),
         edge_token=jnp.asarray(np.asarray(tokens, np.int32)),
         edge_child=jnp.asarray(np.asarray(children, np.int32)),
-        root_child=jnp.asarray(root_child), max_branch=int(max_branch),
-        vocab_size=int(vocab_size), eos_id=self.eos_id, pad_id=self.pad_id)
+        root_child=jnp.asarray(root_child), forced=jnp.asarray(forced),
+        max_branch=int(max_branch), vocab_size=int(vocab_size), eos_id=self.eos_id,
+        pad_id=self.pad_id)
 
 
 @jax.tree_util.register_dataclass
@@ -169,13 +218,15 @@ class TrieArrays:
   """CSR trie: node ``s`` has edges ``edge_start[s] : edge_start[s] + edge_count[s]``.
 
   ``root_child[V]`` is the root's dense child table (-1 where no edge);
-  ``max_branch`` bounds the edge count of every non-root node.
+  ``max_branch`` bounds the edge count of every non-root node; ``forced[s]``: the subtree of
+  ``s`` is a single path (:attr:`TitleTrie.forced_nodes`).
   """
   edge_start: jax.Array   # [N] int32
   edge_count: jax.Array   # [N] int32
   edge_token: jax.Array   # [E] int32
   edge_child: jax.Array   # [E] int32
   root_child: jax.Array   # [V] int32
+  forced: jax.Array       # [N] bool
   max_branch: int = dataclasses.field(metadata=dict(static=True))
   vocab_size: int = dataclasses.field(metadata=dict(static=True))
   eos_id: int = dataclasses.field(metadata=dict(static=True))
@@ -225,6 +276,35 @@ def advance(trie: TrieArrays, state_B: jax.Array, token_B: jax.Array) -> jax.Arr
   is_end_tok_B = (token_B == trie.eos_id) | (token_B == trie.pad_id)
   stay_B = (~has_edges_B) & is_end_tok_B
   return jnp.where(stay_B, state_B, jnp.where(has_edges_B, nxt_B, DEAD))
+
+
+def complete_forced(trie: TrieArrays, state_B: jax.Array, tokens_BxN: jax.Array,
+                    start_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Writes the rest of each forced state's single path (down to and including EOS) into
+  ``tokens_BxN`` from position ``start_B`` on; ``(tokens_BxN, added_B)``.
+
+  Rows whose state is not forced (or DEAD) are left as they are (``added_B = 0``); tokens
+  past ``N`` are dropped (``added_B`` still counts them).  The tokens are ``trie``'s ids
+  (the real ids for ``TrieConstraint.full``).
+  """
+  state_B = jnp.asarray(state_B, jnp.int32)
+  b, n = tokens_BxN.shape
+  rows_B = jnp.arange(b)
+  go_B = (state_B >= 0) & trie.forced[jnp.maximum(state_B, 0)]
+
+  def body(_, c):
+    st_B, toks, added_B = c
+    safe_B = jnp.maximum(st_B, 0)
+    step_B = go_B & (st_B >= 0) & (trie.edge_count[safe_B] > 0)
+    e_B = jnp.clip(trie.edge_start[safe_B], 0, trie.edge_token.shape[0] - 1)
+    pos_B = jnp.where(step_B, start_B + added_B, n)          # n: out of range -> dropped
+    toks = toks.at[rows_B, pos_B].set(trie.edge_token[e_B], mode="drop")
+    st_B = jnp.where(step_B, trie.edge_child[e_B], st_B)
+    return st_B, toks, added_B + step_B.astype(jnp.int32)
+
+  _, tokens_BxN, added_B = jax.lax.fori_loop(
+      0, n, body, (state_B, tokens_BxN, jnp.zeros((b,), jnp.int32)))
+  return tokens_BxN, added_B
 
 
 def state_after(trie: TrieArrays, generated_BxS: jax.Array, num_generated) -> jax.Array:
@@ -335,6 +415,15 @@ class TrieConstraint:
     """States after ``token_B`` (local ids if ``restricted``, else real ids)."""
     return advance(self.local if restricted else self.full, state_B, token_B)
 
+  def forced(self, state_B: jax.Array) -> jax.Array:
+    """Boolean ``[B]``: the state is forced (a single path to its leaf; not DEAD)."""
+    state_B = jnp.asarray(state_B, jnp.int32)
+    return (state_B >= 0) & self.full.forced[jnp.maximum(state_B, 0)]
+
+  def complete(self, state_B, tokens_BxN, start_B):
+    """:func:`complete_forced` with real token ids (node ids are the same in both views)."""
+    return complete_forced(self.full, state_B, tokens_BxN, start_B)
+
 
 def make_constraint(trie: "TitleTrie | TrieArrays", vocab_size: Optional[int] = None
                     ) -> TrieConstraint:
@@ -365,7 +454,8 @@ def make_constraint(trie: "TitleTrie | TrieArrays", vocab_size: Optional[int] = 
   local = TrieArrays(
       edge_start=arr.edge_start, edge_count=arr.edge_count,
       edge_token=jnp.asarray(to_local(edge_token)), edge_child=arr.edge_child,
-      root_child=jnp.asarray(root_local), max_branch=arr.max_branch, vocab_size=len(vocab),
+      root_child=jnp.asarray(root_local), forced=arr.forced, max_branch=arr.max_branch,
+      vocab_size=len(vocab),
       eos_id=int(to_local(arr.eos_id)), pad_id=int(to_local(arr.pad_id)))
   return TrieConstraint(vocab_ids=jnp.asarray(vocab), full=arr, local=local)
 

@@ -84,12 +84,7 @@ def run(config, workdir: str) -> dict:
   gemma, tokenizer = llm_lib.load_llm(config, catalog, extra_texts=review_texts, mesh=mesh)
   timings["load_llm_s"] = time.time() - t0
   answers = eval_lib.AnswerSets.build(catalog, tokenizer, gemma.cfg.vocab_size)
-  vocab_ids = None
-  if str(config.train.get("loss_vocab", "full")) == "answers":
-    if "review" in config.tasks.names:
-      raise ValueError("config.train.loss_vocab='answers' cannot score free-text reviews "
-                       "(task 'review'): use 'full'")
-    vocab_ids = loss_lib.answer_vocabulary(answers.token_lists(), eos_id=tokenizer.eos_id)
+  vocab_ids, answer_tries = loss_lib.loss_vocabulary(config, answers, eos_id=tokenizer.eos_id)
 
   t0 = time.time()
   baselines: dict[str, Any] = {
@@ -118,11 +113,13 @@ def run(config, workdir: str) -> dict:
       preemption.exit_if_requested(f"before method {name}")
       spec = methods_lib.build_method(config, name, encoder=encoder, gemma=gemma,
                                       tokenizer=tokenizer, catalog=catalog)
-      per_step, steps, note = _budget(config, spec, data, tokenizer, vocab_ids, ul_flops)
+      per_step, steps, note = _budget(config, spec, data, tokenizer, vocab_ids, answer_tries,
+                                      ul_flops)
       budget_note = note or budget_note
       t0 = time.time()
       tm = methods_lib.train_method(config, spec, workdir, data.train, tokenizer,
-                                    vocab_ids=vocab_ids, steps=steps, mesh=mesh)
+                                    vocab_ids=vocab_ids, answer_tries=answer_tries,
+                                    steps=steps, mesh=mesh)
       train_s = time.time() - t0
       tm.train_info.update(step_flops=per_step, train_flops=per_step * tm.train_info["steps"],
                            budget_note=note)
@@ -177,7 +174,7 @@ def run(config, workdir: str) -> dict:
   return results
 
 
-def _budget(config, spec, data, tokenizer, vocab_ids, ul_flops):
+def _budget(config, spec, data, tokenizer, vocab_ids, answer_tries, ul_flops):
   """(FLOPs per training step, steps or None for the section's own, a note for the header).
 
   FLOPs come from ``methods.train_step_flops`` for every method alike (the mean over the
@@ -187,7 +184,8 @@ def _budget(config, spec, data, tokenizer, vocab_ids, ul_flops):
   """
   target_len, _ = examples_lib.target_budgets(config)
   bs = int(spec.train.batch_size)
-  per_step = _mean_step_flops(config, spec, data.train, tokenizer, bs, target_len, vocab_ids)
+  per_step = _mean_step_flops(config, spec, data.train, tokenizer, bs, target_len, vocab_ids,
+                              answer_tries)
   if spec.kind != "tp" or str(config.tp.get("budget", "steps")) != "flops":
     return per_step, None, None
   if ul_flops is None:
@@ -202,11 +200,11 @@ def _budget(config, spec, data, tokenizer, vocab_ids, ul_flops):
 
 
 def _mean_step_flops(config, spec, train_examples, tokenizer, bs, target_len, vocab_ids,
-                     num_batches: int = 16) -> float:
+                     answer_tries, num_batches: int = 16) -> float:
   prompts = [spec.prompt_fn(e) for e in train_examples]
   stream = examples_lib.training_stream(config, train_examples, prompts, tokenizer,
                                         max_prompt_tokens=spec.max_prompt_tokens,
-                                        batch_size=bs)
+                                        batch_size=bs, answer_tries=answer_tries)
   by_shape: dict = {}
   total = 0.0
   nproc = jax.process_count()

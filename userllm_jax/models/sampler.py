@@ -45,7 +45,13 @@ Beam search keeps ``K`` live beams and a pool of ``K`` finished hypotheses (T5X 
 step the ``2K`` best extensions of live beams are split into finished ones (ending in a stop
 token) and the best ``K`` unfinished ones.  Scores are summed log-probabilities; with
 ``length_penalty=a`` the ranking score is ``sum_logprob / length ** a`` (``a = 0``: none).
-At ``max_new_tokens`` live beams join the finished pool.
+At ``max_new_tokens`` live beams join the finished pool.  With a ``trie=`` (and
+``finish_forced=True``, the default) an extension that reaches a *forced* trie node -- one
+path left down to EOS, e.g. a title after the tokens that tell it from every other title --
+joins the finished pool at once, its path written out and its score final (each later token
+is the only one allowed: log-probability exactly 0).  Its live slot goes to the next-best
+extension, and the loop ends as soon as no live beam can still win, typically a few steps
+after the decisive tokens instead of at the longest title's EOS.
 
 :func:`score_candidates` / :meth:`Sampler.score_candidates`: the log-probability of every
 sequence of a fixed candidate list (e.g. genre names + EOS) for every prompt, from one
@@ -118,6 +124,7 @@ class BeamOutput:
   lengths_BxK: np.ndarray
   finished_BxK: np.ndarray   # ended with a stop token (False: hit max_new_tokens)
   timing: Optional[Timing] = None
+  steps: Optional[int] = None   # decode-loop iterations run (each one forward at most)
 
 
 @dataclasses.dataclass
@@ -316,9 +323,9 @@ def _gather_beams(tree, idx_BxK, K_src: int, start: int = 0):
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "num_beams", "max_new", "length_penalty", "stop_ids",
-                     "pad_id", "processor", "restrict"))
+                     "pad_id", "processor", "restrict", "finish_forced"))
 def _beam_jit(graphdef, state, cache, logits, media, mmask, trie, *, num_beams, max_new,
-              length_penalty, stop_ids, pad_id, processor, restrict):
+              length_penalty, stop_ids, pad_id, processor, restrict, finish_forced):
   TRACE_COUNTS["beam_search"] += 1
   model = nnx.merge(graphdef, state)
   B, K, N = logits.shape[0], num_beams, max_new
@@ -363,13 +370,27 @@ def _beam_jit(graphdef, state, cache, logits, media, mmask, trie, *, num_beams, 
     cand_tok = jnp.take_along_axis(alive_tok, parent[:, :, None], axis=1)
     cand_tok = cand_tok.at[:, :, step].set(tok)
     is_stop = jnp.isin(tok, stops)
+    cand_len = jnp.full((B, 2 * K), step + 1, jnp.int32)
+    if trie is not None and finish_forced:
+      # A candidate at a forced trie node (one path left down to EOS) has its final score
+      # now: every later token is the only one allowed, a log-probability of exactly 0.  It
+      # joins the finished pool with its path written out, and frees its live slot.
+      pflat = (jnp.arange(B)[:, None] * K + parent).reshape(-1)
+      cnode = trie.advance(node[pflat], loc.reshape(-1), restrict)
+      done_tok, added = trie.complete(cnode, cand_tok.reshape(B * 2 * K, N),
+                                      jnp.full((B * 2 * K,), step + 1, jnp.int32))
+      forced = (trie.forced(cnode) & (added > 0) & (step + 1 + added <= N)).reshape(B, 2 * K)
+      forced = forced & ~is_stop & (vals > _NEG / 2)
+      cand_tok = jnp.where(forced[:, :, None], done_tok.reshape(B, 2 * K, N), cand_tok)
+      cand_len = jnp.where(forced, cand_len + added.reshape(B, 2 * K), cand_len)
+      is_stop = is_stop | forced
     # finished pool: old finished + new stop-terminated candidates, best K by score
     new_fin_raw = jnp.where(is_stop, vals, _NEG)
-    new_fin_score = jnp.where(is_stop & (vals > _NEG / 2), norm(vals, step + 1), _NEG)
+    new_fin_score = jnp.where(is_stop & (vals > _NEG / 2), norm(vals, cand_len), _NEG)
     all_score = jnp.concatenate([fin_score, new_fin_score], 1)
     all_tok = jnp.concatenate([fin_tok, cand_tok], 1)
     all_raw = jnp.concatenate([fin_raw, new_fin_raw], 1)
-    all_len = jnp.concatenate([fin_len, jnp.full((B, 2 * K), step + 1, jnp.int32)], 1)
+    all_len = jnp.concatenate([fin_len, cand_len], 1)
     fin_score, sel = jax.lax.top_k(all_score, K)
     fin_tok = jnp.take_along_axis(all_tok, sel[:, :, None], axis=1)
     fin_raw = jnp.take_along_axis(all_raw, sel, axis=1)
@@ -416,7 +437,7 @@ def _beam_jit(graphdef, state, cache, logits, media, mmask, trie, *, num_beams, 
   toks = jnp.where(jnp.arange(N)[None, None] < lengths[:, :, None], toks, pad_id)
   toks = jnp.where(toks < 0, pad_id, toks)
   return (toks, score, jnp.take_along_axis(all_raw, sel, axis=1), lengths,
-          jnp.take_along_axis(all_fin, sel, axis=1))
+          jnp.take_along_axis(all_fin, sel, axis=1), step)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -579,11 +600,14 @@ class Sampler:
                   prefix_embeds_BxPxD=None, prefix_mask_BxP=None, media_BxMxD=None,
                   media_mask_BxM=None,
                   logits_processor: Optional[LogitsProcessor] = None,
-                  trie: Any = None, restrict_vocab: bool = True) -> BeamOutput:
+                  trie: Any = None, restrict_vocab: bool = True,
+                  finish_forced: bool = True) -> BeamOutput:
     """The ``num_beams`` best continuations per prompt, best first.
 
     ``trie``: a ``TrieConstraint``; with ``restrict_vocab`` the logits cover only its tokens
     (see the module docstring); ``restrict_vocab=False`` is the full-vocabulary reference.
+    ``finish_forced``: beams at a forced trie node finish at once (module docstring);
+    ``False`` decodes them token by token (the plain beam search).
     """
     t0 = time.perf_counter()
     if num_beams < 1 or max_new_tokens < 1:
@@ -600,12 +624,13 @@ class Sampler:
     logits, cache = self._prefill(graphdef, state, args, max_new_tokens,
                                   _vocab_ids(trie, restrict))
     t1 = time.perf_counter()
-    toks, score, raw, lengths, fin = _beam_jit(
+    toks, score, raw, lengths, fin, steps = _beam_jit(
         graphdef, state, cache, logits, args[4], args[5], trie, num_beams=int(num_beams),
         max_new=int(max_new_tokens), length_penalty=float(length_penalty),
         stop_ids=self._stop_ids(stop_tokens), pad_id=self.pad_id, processor=logits_processor,
-        restrict=restrict)
-    res = BeamOutput(_host(toks), _host(score), _host(raw), _host(lengths), _host(fin))
+        restrict=restrict, finish_forced=bool(finish_forced) and trie is not None)
+    res = BeamOutput(_host(toks), _host(score), _host(raw), _host(lengths), _host(fin),
+                     steps=int(_host(steps)))
     res.timing = Timing(prefill_s=t1 - t0, total_s=time.perf_counter() - t0)
     return res
 

@@ -4,7 +4,8 @@ Per task (``config.tasks.names``):
 
 * ``next_item``: trie-constrained beam search over the catalogue titles
   (``eval.beams`` beams; logits only over the trie's tokens, renormalised over what the
-  trie allows: :mod:`userllm_jax.models.sampler`) -> Recall@K;
+  trie allows; a beam finishes as soon as its title is decided:
+  :mod:`userllm_jax.models.sampler`) -> Recall@K;
 * ``fav_genre``: the closed answer set (every genre name) scored exactly, the
   best-scoring genre is the answer -> accuracy.  Scores are normalised over what the genre
   trie allows at each step (as the beams are).  When the names' first tokens are all
@@ -59,6 +60,7 @@ class AnswerSets:
   genre_names: list[str]
   genre_tokens: list[list[int]]             # encode(name) + [EOS], one per genre
   genre_constraint: Any                     # the genre names' TrieConstraint
+  genres: trie_lib.TitleTrie                # the genre names, with genre ids
 
   @classmethod
   def build(cls, catalog: tasks_lib.Catalog, tokenizer, vocab_size: int) -> "AnswerSets":
@@ -70,7 +72,11 @@ class AnswerSets:
     toks = [list(tokenizer.encode(n)) + [tokenizer.eos_id] for n in names]
     genres = trie_lib.TitleTrie.from_titles(names, tokenizer, item_ids=genre_ids)
     return cls(items, trie_lib.make_constraint(items, vocab_size), genre_ids, names,
-               toks, trie_lib.make_constraint(genres, vocab_size))
+               toks, trie_lib.make_constraint(genres, vocab_size), genres)
+
+  def tries(self) -> dict[str, trie_lib.TitleTrie]:
+    """Task -> its answer trie (the trie-normalised stage-2 loss; ``stage2/loss.py``)."""
+    return {"next_item": self.items, "fav_genre": self.genres}
 
   @property
   def genre_first_tokens_distinct(self) -> bool:

@@ -86,7 +86,8 @@ def truncate_history(ex: tasks_lib.Example, n: int) -> tasks_lib.Example:
 
 
 def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequence[str],
-                    tokenizer, *, max_prompt_tokens: int, batch_size: int, mesh=None):
+                    tokenizer, *, max_prompt_tokens: int, batch_size: int, mesh=None,
+                    answer_tries=None):
   """This process's stream of stage-2 training batches (a Grain dataset iterator).
 
   Every process tokenizes the same examples and shuffles them with the same seed, then
@@ -95,7 +96,8 @@ def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequ
   ``process_index``): the global batch of ``batch_size`` rows is the single-process batch,
   row for row.  ``train.batch_by_task``
   (default True): one task per batch, padded to that task's longest target
-  (``tasks.stage2_dataset``).
+  (``tasks.stage2_dataset``).  ``answer_tries`` (a ``stage2/loss.AnswerTries``):
+  trie-normalised targets, cut to their deciding tokens, with their allowed-token masks.
   """
   target_len, budgets = target_budgets(config)
   nproc = jax.process_count()
@@ -106,7 +108,9 @@ def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequ
                                 max_target_tokens=target_len, task_target_tokens=budgets,
                                 truncate_tasks=("review",), batch_size=batch_size,
                                 seed=int(config.seed),
-                                batch_by_task=bool(config.train.get("batch_by_task", True)))
+                                batch_by_task=bool(config.train.get("batch_by_task", True)),
+                                answer_cut=None if answer_tries is None else answer_tries.cut,
+                                batch_fn=None if answer_tries is None else answer_tries.add_allowed)
   if nproc > 1:
     index, count = (mesh_lib.process_batch_block(mesh, batch_size) if mesh is not None
                     else (jax.process_index(), nproc))

@@ -201,10 +201,12 @@ def make_loss_fn(spec: MethodSpec, *, max_target_tokens: int,
 
 def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequence,
                  tokenizer, *, vocab_ids: Optional[np.ndarray],
+                 answer_tries: Optional[loss_lib.AnswerTries] = None,
                  steps: Optional[int] = None,
                  mesh: Optional[jax.sharding.Mesh] = None) -> TrainedMethod:
   """Trains (or resumes) ``spec`` in ``workdir/<name>`` for ``spec.train.steps`` (or ``steps``)
-  on ``mesh`` (default: one built from ``config.mesh``)."""
+  on ``mesh`` (default: one built from ``config.mesh``); ``answer_tries``: trie-normalised
+  targets (:mod:`userllm_jax.stage2.loss`)."""
   from userllm_jax.train import loop  # pylint: disable=g-import-not-at-top
   prompts = [spec.prompt_fn(ex) for ex in train_examples]
   train_cfg = ml_collections.ConfigDict(spec.train.to_dict())
@@ -215,7 +217,8 @@ def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequenc
     mesh = mesh_lib.make_mesh(config.get("mesh", None))
   stream = examples_lib.training_stream(config, train_examples, prompts, tokenizer,
                                         max_prompt_tokens=spec.max_prompt_tokens,
-                                        batch_size=int(train_cfg.batch_size), mesh=mesh)
+                                        batch_size=int(train_cfg.batch_size), mesh=mesh,
+                                        answer_tries=answer_tries)
   target_len, _ = examples_lib.target_budgets(config)
   t0 = time.time()
   method_dir = paths.join(workdir, spec.name)
