@@ -319,7 +319,10 @@ def test_bf16_compute_is_close_to_f32():
 
 _MESH_SCRIPT = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    # keep the flags the test run set (tests/conftest.py), add the fake devices
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in _flags:
+      os.environ["XLA_FLAGS"] = _flags + " --xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx

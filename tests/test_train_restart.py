@@ -22,8 +22,10 @@ STEPS = 12
 
 
 def _worker(workdir, *extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
+  # one CPU device: the run's own flags (tests/conftest.py), without a fake-device count
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                if "device_count" not in f))
   return subprocess.run(
       [sys.executable, WORKER, f"--workdir={workdir}", f"--out={workdir}/out.json",
        f"--steps={STEPS}", "--ckpt_every=3", *extra],

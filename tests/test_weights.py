@@ -519,7 +519,10 @@ def test_assign_matches_model_tree_and_values():
 
 _SHARD_SCRIPT = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    # keep the flags the test run set (tests/conftest.py), add the fake devices
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in _flags:
+      os.environ["XLA_FLAGS"] = _flags + " --xla_force_host_platform_device_count=4"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, sys.argv[1])
     import jax, jax.numpy as jnp, numpy as np
