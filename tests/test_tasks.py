@@ -1,5 +1,7 @@
 """Downstream tasks: windows, favourite-genre tie rule, TP serializer budgets, tokenization, Grain batches."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -197,6 +199,50 @@ def test_stage2_grain_batches_and_prompt_batch():
   pb = tasks.prompt_batch(exs, [e.prompt for e in exs], tok, max_prompt_tokens=12)
   assert pb["prompt_tokens_BxP"].shape == (3, 12) and pb["item_BxT"].shape == (3, 4)
   assert (pb["prompt_tokens_BxP"][:, 0] == tok.bos_id).all()
+
+
+def test_stage2_batches_with_targets_cut_to_their_deciding_tokens():
+  """answer_cut (stage2/loss.AnswerTries.cut): next-item targets cut where the title trie
+  decides them, padded to the longest *cut* target, each kept token's trie node in
+  answer_node_BxN; batch_fn runs on every batch; a target outside the trie names its
+  example."""
+  from userllm_jax.eval import trie as trie_lib
+  from userllm_jax.stage2 import loss as loss_lib
+  cat = _catalog()
+  data = [_record([2, 3, 4, 5, 6, 7]), _record([3, 4, 2, 5]), _record([6, 7, 2])]
+  exs = tasks.build_examples(data, range(3), "next_item", cat, split="test", window=4)
+  tok = tasks.WordTokenizer(TITLES + GENRES + [exs[0].prompt])
+  titles = [t for t in TITLES if t]
+  trie = trie_lib.TitleTrie.from_titles(titles, tok)
+  seqs = [tok.encode(t) + [tok.eos_id] for t in titles]
+  at = loss_lib.AnswerTries({"next_item": trie},
+                            loss_lib.answer_vocabulary(seqs, eos_id=tok.eos_id))
+  calls = []
+
+  def batch_fn(b):
+    calls.append(1)
+    return at.add_allowed(b)
+  ds = tasks.stage2_dataset(exs, [e.prompt for e in exs], tok, max_prompt_tokens=12,
+                            max_target_tokens=8, batch_size=3, seed=0, batch_by_task=True,
+                            answer_cut=at.cut, batch_fn=batch_fn)
+  b = next(iter(ds))
+  kept = [at.cut("next_item", tok.encode(e.target) + [tok.eos_id])[0] for e in exs]
+  n = max(len(k) for k in kept)
+  assert n < max(len(tok.encode(e.target)) + 1 for e in exs)   # something was cut
+  assert b["answer_node_BxN"].shape == (3, n) and calls
+  assert b["answer_allowed_BxNxK"].shape == (3, n, at.num_tokens)
+  for r in range(3):
+    p = int(b["prompt_len_B"][r])
+    k = kept[[e.user_index for e in exs].index(int(b["user_index_B"][r]))]
+    np.testing.assert_array_equal(b["targets_BxL"][r][b["loss_mask_BxL"][r] == 1], k)
+    assert b["answer_node_BxN"][r, 0] == 0 and (b["answer_node_BxN"][r, len(k):] == -1).all()
+    assert b["tokens_BxL"][r, p + len(k):].max() == tok.pad_id     # no EOS after the cut
+    # the first slot allows every title's first token
+    assert b["answer_allowed_BxNxK"][r, 0].sum() == len({s[0] for s in seqs})
+  bad = [dataclasses.replace(exs[0], target="Zebra (2001)")]
+  with pytest.raises(ValueError, match=r"user 0 task next_item cut \d+: .*not an answer"):
+    tasks.stage2_dataset(bad, [bad[0].prompt], tok, max_prompt_tokens=12, max_target_tokens=8,
+                         batch_size=1, seed=0, batch_by_task=True, answer_cut=at.cut)
 
 
 def test_word_tokenizer_roundtrip():
