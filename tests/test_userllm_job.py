@@ -40,8 +40,8 @@ def test_both_modes_learn_to_use_the_user(tmp_path):
   gemma, tok = llm_lib.load_llm(cfg, catalog)
   answers = eval_lib.AnswerSets.build(catalog, tok, gemma.cfg.vocab_size)
   chance = 1.0 / len(answers.genre_ids)
-  # The soft prompt with the default trie-normalised loss (genre targets cut to one token).
-  cfg.train.loss_vocab = "trie"
+  # The soft prompt with the config's (default) trie-normalised loss: genre targets of one token.
+  assert cfg.train.loss_vocab == "trie"
   trie_vocab, tries = loss_lib.loss_vocabulary(cfg, answers, eos_id=tok.eos_id)
   for name, vocab, at in (("userllm_xattn", None, None),
                           ("userllm_soft_prompt", trie_vocab, tries)):

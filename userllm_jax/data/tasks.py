@@ -447,6 +447,11 @@ def encode_target(target: str, tokenizer: TokenizerLike, max_target_tokens: int,
   return ids
 
 
+def _where(example: Example) -> str:
+  """The prefix naming an example in error messages."""
+  return f"user {example.user_index} task {example.task} cut {example.cut}: "
+
+
 # ``answer_cut(task, target_ids) -> (kept_ids, node_ids)``: a closed-answer task's target cut
 # to the tokens that decide it, with the answer-trie node before each kept token
 # (``stage2/loss.AnswerTries.cut``).
@@ -473,7 +478,7 @@ def tokenize_example(example: Example, prompt: str, tokenizer: TokenizerLike, *,
   ``targets_BxL`` is a target or EOS token; ``input_mask_BxL``: 1 on non-pad
   tokens; ``prompt_len_B``; plus :func:`history_features` (``item_BxT`` ...).
   """
-  where = f"user {example.user_index} task {example.task} cut {example.cut}: "
+  where = _where(example)
   limit = max_target_tokens if target_limit is None else int(target_limit)
   if limit <= 0 or (limit > max_target_tokens and answer_cut is None):
     raise ValueError(f"{where}target_limit={target_limit} must be in [1, max_target_tokens="
@@ -592,7 +597,7 @@ def stage2_dataset(examples: Sequence[Example], prompts: Sequence[str], tokenize
     try:
       return len(answer_cut(e.task, ids)[0])
     except ValueError as err:
-      raise ValueError(f"user {e.user_index} task {e.task} cut {e.cut}: {err}") from None
+      raise ValueError(f"{_where(e)}{err}") from None
 
   pairs = list(zip(examples, prompts))
   if not batch_by_task:

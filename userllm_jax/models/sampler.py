@@ -371,12 +371,13 @@ def _beam_jit(graphdef, state, cache, logits, media, mmask, trie, *, num_beams, 
     cand_tok = cand_tok.at[:, :, step].set(tok)
     is_stop = jnp.isin(tok, stops)
     cand_len = jnp.full((B, 2 * K), step + 1, jnp.int32)
+    if trie is not None:   # each candidate's trie node
+      pflat = (jnp.arange(B)[:, None] * K + parent).reshape(-1)
+      cnode = trie.advance(node[pflat], loc.reshape(-1), restrict)
     if trie is not None and finish_forced:
       # A candidate at a forced trie node (one path left down to EOS) has its final score
       # now: every later token is the only one allowed, a log-probability of exactly 0.  It
       # joins the finished pool with its path written out, and frees its live slot.
-      pflat = (jnp.arange(B)[:, None] * K + parent).reshape(-1)
-      cnode = trie.advance(node[pflat], loc.reshape(-1), restrict)
       done_tok, added = trie.complete(cnode, cand_tok.reshape(B * 2 * K, N),
                                       jnp.full((B * 2 * K,), step + 1, jnp.int32))
       forced = (trie.forced(cnode) & (added > 0) & (step + 1 + added <= N)).reshape(B, 2 * K)
@@ -402,9 +403,7 @@ def _beam_jit(graphdef, state, cache, logits, media, mmask, trie, *, num_beams, 
     alive_parent = jnp.take_along_axis(parent, asel, axis=1)
     last = jnp.take_along_axis(tok, asel, axis=1).reshape(B * K, 1)
     if trie is not None:
-      flat = (jnp.arange(B)[:, None] * K + alive_parent).reshape(-1)
-      node = trie.advance(node[flat], jnp.take_along_axis(loc, asel, axis=1).reshape(-1),
-                          restrict)
+      node = jnp.take_along_axis(cnode.reshape(B, 2 * K), asel, axis=1).reshape(-1)
 
     def forward(cache):
       cache = _gather_beams(cache, alive_parent, K, start=prompt_slots)
