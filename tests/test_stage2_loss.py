@@ -124,3 +124,56 @@ def test_trie_normalised_loss_on_cut_targets_equals_the_whole_targets_constraine
   np.testing.assert_allclose(float(loss) * n_kept, total, rtol=1e-4)
   with pytest.raises(ValueError, match="needs vocab_ids"):
     loss_lib.next_token_loss(fwd, batch, max_target_tokens=N)
+
+
+def test_soft_targets_and_distillation_loss_by_hand():
+  """An answer distribution as the target of each slot: the mass below each allowed token,
+  renormalised below the slot's node; the loss mixes NLL and that cross-entropy."""
+  from userllm_jax.eval import trie as trie_lib
+  EOS = 1
+  titles = [[5, 6, EOS], [5, 7, EOS], [8, EOS], [5, 6, 9, EOS]]   # items 11, 12, 13, 14
+  tries = {"next_item": trie_lib.TitleTrie(titles, eos_id=EOS, item_ids=[11, 12, 13, 14])}
+  vocab = loss_lib.answer_vocabulary(titles, eos_id=EOS)          # [1, 5, 6, 7, 8, 9]
+  at = loss_lib.AnswerTries(tries, vocab)
+  col = {int(t): k for k, t in enumerate(vocab)}
+  probs = np.zeros((1, 16))
+  probs[0, [11, 12, 13, 14]] = [0.4, 0.2, 0.3, 0.1]
+  kept, nodes = at.cut("next_item", titles[0])         # 5 6 then EOS / 9 branch
+  assert kept == [5, 6, EOS]
+  q = at.soft_targets(probs, np.asarray([nodes]))[0]
+  want = np.zeros((3, len(vocab)))
+  want[0, col[5]], want[0, col[8]] = 0.7, 0.3           # items below '5': 11, 12, 14
+  want[1, col[6]], want[1, col[7]] = 0.5 / 0.7, 0.2 / 0.7
+  want[2, col[EOS]], want[2, col[9]] = 0.4 / 0.5, 0.1 / 0.5
+  np.testing.assert_allclose(q, want, rtol=1e-6)
+  with pytest.raises(ValueError, match="not at depth 1"):
+    at.soft_targets(probs, np.asarray([[0, 0]]))
+
+  # The loss on a batch of that one example, from fixed logits over the answer vocabulary.
+  B, N, P = 1, 3, 2
+  L = P + N
+  batch = {"tokens_BxL": np.asarray([[2, 30, 5, 6, EOS]], np.int32),
+           "targets_BxL": np.asarray([[30, 5, 6, EOS, 0]], np.int32),
+           "loss_mask_BxL": np.asarray([[0, 1, 1, 1, 0]], np.int32),
+           "input_mask_BxL": np.ones((B, L), np.int32), "prompt_len_B": np.asarray([P]),
+           "answer_node_BxN": np.asarray([nodes], np.int32),
+           "teacher_BxI": probs.astype(np.float32)}
+  batch = at.add_allowed(batch)
+  assert "teacher_BxI" not in batch and batch["answer_teacher_BxNxK"].shape == (B, N, len(vocab))
+  logits = np.random.default_rng(0).normal(size=(B, N, len(vocab)))
+  fwd = lambda t, m, lp, v: jnp.asarray(logits, jnp.float32)
+  w = 0.25
+  loss, m = loss_lib.next_token_loss(fwd, batch, max_target_tokens=N, vocab_ids=vocab,
+                                     distill_weight=w)
+  nll = ce = 0.0
+  for j in range(N):
+    allowed = np.flatnonzero(batch["answer_allowed_BxNxK"][0, j])
+    lp = _log_softmax(logits[0, j, allowed])
+    nll -= lp[list(allowed).index(col[kept[j]])]
+    ce -= (want[j, allowed] * lp).sum()
+  np.testing.assert_allclose(float(m["nll"]), nll / N, rtol=1e-5)
+  np.testing.assert_allclose(float(m["distill_ce"]), ce / N, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), ((1 - w) * nll + w * ce) / N, rtol=1e-5)
+  # weight 0: the teacher is ignored, the loss is the NLL
+  loss0, _ = loss_lib.next_token_loss(fwd, batch, max_target_tokens=N, vocab_ids=vocab)
+  np.testing.assert_allclose(float(loss0), nll / N, rtol=1e-5)

@@ -244,6 +244,23 @@ def test_stage2_batches_with_targets_cut_to_their_deciding_tokens():
     tasks.stage2_dataset(bad, [bad[0].prompt], tok, max_prompt_tokens=12, max_target_tokens=8,
                          batch_size=1, seed=0, batch_by_task=True, answer_cut=at.cut)
 
+  # Soft targets (Example.teacher, stage2/distill.py) ride along as teacher_BxI and become
+  # each slot's distribution over its allowed tokens; half the rows without one is an error.
+  probs = np.full(len(titles), 1.0 / len(titles), np.float32)  # over the trie's ids
+  taught = [dataclasses.replace(e, teacher=probs) for e in exs]
+  tb = next(iter(tasks.stage2_dataset(taught, [e.prompt for e in exs], tok,
+                                      max_prompt_tokens=12, max_target_tokens=8,
+                                      batch_size=3, seed=0, batch_by_task=True,
+                                      answer_cut=at.cut, batch_fn=at.add_allowed)))
+  q = tb["answer_teacher_BxNxK"]
+  assert q.shape == tb["answer_allowed_BxNxK"].shape and "teacher_BxI" not in tb
+  np.testing.assert_allclose(q[:, 0].sum(-1), 1.0, rtol=1e-6)
+  assert not (q > 0)[~tb["answer_allowed_BxNxK"]].any()
+  with pytest.raises(ValueError, match="task 'next_item' mix examples with and without"):
+    tasks.stage2_dataset(taught[:1] + exs[1:], [e.prompt for e in exs], tok,
+                         max_prompt_tokens=12, max_target_tokens=8, batch_size=3, seed=0,
+                         batch_by_task=True, answer_cut=at.cut)
+
 
 def test_word_tokenizer_roundtrip():
   tok = tasks.WordTokenizer(TITLES)

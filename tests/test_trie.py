@@ -216,3 +216,15 @@ def test_forced_nodes_and_decisive_lengths(built):
   np.testing.assert_array_equal(np.asarray(out)[0, :len(rest)], rest)
   np.testing.assert_array_equal(np.asarray(out)[1, 3:3 + len(rest)], rest)
   assert (np.asarray(out)[2] == -1).all()
+
+
+def test_item_paths_walk_every_title_with_its_nodes(built):
+  """Every item (duplicates included) with its tokens and the node before each."""
+  tok, t, _ = built
+  paths = t.item_paths()
+  assert sorted(i for i, _, _ in paths) == list(range(10, 10 + len(TITLES)))
+  for item, nodes, toks in paths:
+    title = TITLES[item - 10]
+    assert toks == tok.encode(title) + [tok.eos_id]
+    assert nodes == t.nodes_along(toks)
+    assert item in t.items_for(toks)

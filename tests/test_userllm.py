@@ -112,6 +112,31 @@ def test_embed_users_shapes_masks_and_batch_independence(use_perceiver):
   np.testing.assert_allclose(logits1[0], logits[1, :3], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_perceiver", [True, False])
+def test_user_vector_token_is_the_projected_last_output(use_perceiver):
+  """user_vector_token: one more token, the projector of the encoder's output at each user's
+  last valid position (masked for an empty history); the other tokens are unchanged."""
+  cfg = CFG.replace(use_perceiver=use_perceiver, mode="soft_prompt")
+  model, _ = _build(cfg.replace(user_vector_token=True))
+  plain, _ = _build(cfg)
+  hist = _history()
+  user, mask = (np.asarray(x) for x in model.embed_users(hist))
+  base, base_mask = (np.asarray(x) for x in plain.embed_users(hist))
+  assert user.shape[1] == base.shape[1] + 1
+  np.testing.assert_allclose(user[:, :-1], base, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(mask[:, :-1], base_mask)
+  np.testing.assert_array_equal(mask[:, -1], [True, True, False])
+  h, _ = model.encoder(hist)
+  for b, n in enumerate((6, 3)):
+    want = model.projector(np.asarray(h)[b:b + 1, n - 1:n])
+    np.testing.assert_allclose(user[b, -1], np.asarray(want)[0, 0], rtol=1e-5, atol=1e-5)
+  assert not user[2, -1].any()
+  if use_perceiver:
+    wide, _ = _build(cfg.replace(user_vector_token=True, perceiver_dim=24))
+    with pytest.raises(ValueError, match="user_vector_token: the encoder width 16"):
+      wide.embed_users(hist)
+
+
 def test_history_keys_are_the_encoders():
   """One spelling from the task pipeline to the encoder: the short names are refused."""
   model, _ = _build()

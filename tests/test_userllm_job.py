@@ -34,6 +34,7 @@ def test_both_modes_learn_to_use_the_user(tmp_path):
   cfg.tasks.names = ("fav_genre",)
   cfg.tasks.history_lengths = (12,)
   cfg.train.steps = 240       # cross-attention needs ~2x the soft prompt's steps here
+  cfg.train.eval_every = cfg.train.steps      # held-out loss once, at the end
   _, encoder, prepared = encoder_job.train_and_evaluate(cfg.encoder, str(tmp_path / "stage1"))
   catalog = tasks_lib.Catalog.from_dataset(prepared, domain=cfg.encoder.data.domain)
   data = examples_lib.build_task_data(cfg, prepared, catalog)
@@ -48,8 +49,15 @@ def test_both_modes_learn_to_use_the_user(tmp_path):
     spec = methods_lib.build_method(cfg, name, encoder=encoder, gemma=gemma, tokenizer=tok,
                                     catalog=catalog)
     tm = methods_lib.train_method(cfg, spec, str(tmp_path), data.train, tok, vocab_ids=vocab,
-                                  answer_tries=at)
+                                  answer_tries=at, heldout=data.test["fav_genre"])
     assert tm.train_info["final_loss"] < tm.train_info["first_loss"]
+    # The held-out loss (methods.heldout_eval_fn) shows it too: lower with the users.
+    (step, held), = tm.train_info["heldout"]
+    assert step == cfg.train.steps
+    # (By a margin on the trie-normalised loss, the one-token genre softmax; the full-vocabulary
+    # NLL also scores the EOS after each genre name, which the user does not change.)
+    margin = 0.3 if at is not None else 0.0
+    assert held["fav_genre_nll"] < held["fav_genre_nll_users_zeroed"] - margin, (name, held)
     got = eval_lib.evaluate_method(cfg, tm, data, tok, answers, 12)
     ablated = methods_lib.TrainedMethod(dataclasses.replace(spec, ablate_users=True), tm.model,
                                         tm.train_info)
@@ -82,6 +90,12 @@ def test_job_runs_every_method_on_the_same_users_and_resumes(tmp_path, monkeypat
   cfg.tasks.history_lengths = (4, 12)
   cfg.encoder.train.steps = 10
   cfg.eval.batch_size = 8
+  # Validation users' held-out loss at the end; User-LLM distils the encoder's next-item
+  # distribution and reads its user vector as one more token, TP reads text only.
+  cfg.tasks.num_valid_users = 8
+  cfg.train.eval_every = 3
+  cfg.train.distill_weight = 0.5
+  cfg.userllm.user_vector_token = True
   # SIGTERM (the real signal, the job-wide handler) while TP's first evaluation batch runs:
   # the job stops before the next batch, with cross-attention finished.
   progress = eval_lib.progress
@@ -103,6 +117,11 @@ def test_job_runs_every_method_on_the_same_users_and_resumes(tmp_path, monkeypat
   res = userllm_job.run(cfg, str(tmp_path))
   methods = res["methods"]
   assert set(methods) == {"userllm_xattn", "tp_lora"}
+  (_, held_ul), = methods["userllm_xattn"]["train"]["heldout"]
+  assert {"next_item_distill_ce", "next_item_nll_users_zeroed", "fav_genre_nll",
+          "next_item_distill_ce_users_zeroed"} <= set(held_ul)
+  held_tp = methods["tp_lora"]["train"]["heldout"][-1][1]
+  assert set(held_tp) == {"next_item_nll", "fav_genre_nll"}      # no teacher, no users
   for name, m in methods.items():
     assert np.isfinite(m["train"]["final_loss"]), (name, m["train"])
     assert 0.0 <= m["genre_accuracy"] <= 1.0 and 0.0 <= m["recall@1"] <= m["recall@4"] <= 1.0

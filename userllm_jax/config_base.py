@@ -136,10 +136,13 @@ def userllm_job(encoder: ConfigDict, *, llm: str = "gemma3-270m",
   c.methods = ("userllm_xattn", "userllm_soft_prompt", "tp_lora")
   c.encoder = encoder
 
+  # num_valid_users > 0: that many of the non-test users are held out of training; with
+  # train.eval_every > 0 stage 2 logs their loss with the users and with the user tokens
+  # zeroed (stage2/methods.heldout_eval_fn: does the model use the user?).
   c.tasks = ConfigDict(dict(
       names=("next_item", "fav_genre"), window=50, history_lengths=(10, 25, 50),
-      num_test_users=200, min_history=5, stride=5, max_examples_per_user=8,
-      max_train_users=0))
+      num_test_users=200, num_valid_users=0, min_history=5, stride=5,
+      max_examples_per_user=8, max_train_users=0))
 
   # llm.name: a weights.load_gemma name or path, or 'tiny' (random, word tokenizer);
   # llm.preset: the models/gemma.py shape preset (abstract builds, FLOPs) when the name is a path.
@@ -148,8 +151,8 @@ def userllm_job(encoder: ConfigDict, *, llm: str = "gemma3-270m",
 
   c.userllm = ConfigDict(dict(
       strategy="enc", use_perceiver=True, num_latents=16, perceiver_layers=2,
-      perceiver_heads=4, perceiver_head_dim=16, xattn_every=6, xattn_layers=(), xattn_num_heads=2,
-      xattn_head_dim=64, xattn_mlp_dim=512))
+      perceiver_heads=4, perceiver_head_dim=16, user_vector_token=False, xattn_every=6,
+      xattn_layers=(), xattn_num_heads=2, xattn_head_dim=64, xattn_mlp_dim=512))
 
   # steps: 0 = train.steps; budget 'flops': TP trains for as many steps as buy the training
   # FLOPs of the first User-LLM method (the paper's efficiency argument; says so in the table).
@@ -163,9 +166,11 @@ def userllm_job(encoder: ConfigDict, *, llm: str = "gemma3-270m",
   # loss_vocab 'trie': each target token's softmax over what its task's answer trie allows
   # (what constrained decoding ranks by; targets cut to their deciding tokens), 'answers':
   # over the tokens of all answers, 'full': over all LLM tokens (free text: reviews);
-  # stage2/loss.py.
+  # stage2/loss.py.  distill_weight > 0: next-item answers also learn the stage-1 encoder's
+  # distribution over the catalogue (softmax(scores / distill_temperature)) as soft targets on
+  # the title trie, with this weight (User-LLM methods only; stage2/distill.py).
   c.train = train_section(1000, 16, 1e-3, warmup_steps=50, log_every=50, keep=1,
-                          loss_vocab="trie")
+                          loss_vocab="trie", distill_weight=0.0, distill_temperature=1.0)
   c.eval = ConfigDict(dict(beams=10, ks=(1, 5, 10), batch_size=32, review_beams=1,
                            confidence=0.95))
   c.mesh = mesh_section()

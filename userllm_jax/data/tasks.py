@@ -257,6 +257,9 @@ class Example:
   prompt: str
   target: str
   target_id: int  # item id (next_item), genre id (fav_genre), item id (review)
+  # Optional soft target: a distribution over item ids (float, [num_items]) beside the
+  # observed next item -- the stage-1 encoder's prediction (``stage2/distill.py``).
+  teacher: Optional[np.ndarray] = None
 
 
 def prompt_for(task: str, catalog: Catalog, *, title: str = "") -> str:
@@ -476,7 +479,8 @@ def tokenize_example(example: Example, prompt: str, tokenizer: TokenizerLike, *,
   ``tokens_BxL``: ``[BOS] prompt target [EOS]`` then PAD; ``targets_BxL``:
   tokens shifted left by one (the next token); ``loss_mask_BxL``: 1 where
   ``targets_BxL`` is a target or EOS token; ``input_mask_BxL``: 1 on non-pad
-  tokens; ``prompt_len_B``; plus :func:`history_features` (``item_BxT`` ...).
+  tokens; ``prompt_len_B``; plus :func:`history_features` (``item_BxT`` ...); plus
+  ``teacher_BxI`` when the example carries a soft target (``Example.teacher``).
   """
   where = _where(example)
   limit = max_target_tokens if target_limit is None else int(target_limit)
@@ -510,6 +514,8 @@ def tokenize_example(example: Example, prompt: str, tokenizer: TokenizerLike, *,
     node_row = np.full((max_target_tokens,), -1, np.int32)
     node_row[:len(nodes)] = nodes
     out["answer_node_BxN"] = node_row
+  if example.teacher is not None:
+    out["teacher_BxI"] = np.asarray(example.teacher, np.float32)
   out.update(history_features(example))
   return out
 
@@ -600,6 +606,14 @@ def stage2_dataset(examples: Sequence[Example], prompts: Sequence[str], tokenize
       raise ValueError(f"{_where(e)}{err}") from None
 
   pairs = list(zip(examples, prompts))
+  groups: dict[str, set] = {}
+  for e, _ in pairs:
+    groups.setdefault(e.task if batch_by_task else "", set()).add(e.teacher is None)
+  for task, kinds in groups.items():
+    if len(kinds) > 1:
+      raise ValueError(f"stage2_dataset: {'task ' + repr(task) if task else 'the examples'} "
+                       "mix examples with and without a soft target (Example.teacher): a "
+                       "batch must have it on every row or on none")
   if not batch_by_task:
     return batches(tokenize(pairs, max_target_tokens), seed)
   by_task: dict[str, list] = {}

@@ -167,6 +167,18 @@ class TitleTrie:
     """Sorted tokens of ``node``'s edges (what the trie allows there; [] at a leaf)."""
     return sorted(self._children[node])
 
+  def item_paths(self) -> list[tuple[int, list[int], list[int]]]:
+    """``(item_id, nodes, tokens)`` for every item: its sequence's tokens (EOS included) and
+    the node before each (``nodes[j]`` = the node after ``tokens[:j]``), in node order."""
+    out, stack = [], [(0, [], [])]
+    while stack:
+      node, nodes, toks = stack.pop()
+      for item in self._items.get(node, []):
+        out.append((item, nodes, toks))
+      for tok, child in sorted(self._children[node].items(), reverse=True):
+        stack.append((child, nodes + [node], toks + [tok]))
+    return out
+
   def items_for(self, seq: Sequence[int]) -> list[int]:
     """Item ids whose title tokenizes to ``seq`` (up to its first EOS); [] if none."""
     seq = list(seq)

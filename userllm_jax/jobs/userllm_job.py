@@ -36,6 +36,7 @@ from absl import logging
 from userllm_jax import paths
 from userllm_jax.data import tasks as tasks_lib
 from userllm_jax.stage2 import baselines as baselines_lib
+from userllm_jax.stage2 import distill as distill_lib
 from userllm_jax.stage2 import evaluate as eval_lib
 from userllm_jax.stage2 import examples as examples_lib
 from userllm_jax.stage2 import llm as llm_lib
@@ -102,6 +103,14 @@ def run(config, workdir: str) -> dict:
       "num_test_examples": {k: len(v) for k, v in data.test.items()},
       "answer_vocabulary": None if vocab_ids is None else int(len(vocab_ids)),
       "baselines": baselines, "methods": {}, "sweep": {}}
+  # User-LLM methods train on the same examples with the encoder's soft targets when
+  # train.distill_weight > 0 (stage2/distill.py); TP reads text only.
+  distill = loss_lib.distill_weight(config) > 0 and "next_item" in config.tasks.names
+  ul_train = distill_lib.attach_teacher(config, encoder, data.train) if distill else data.train
+  # Validation users (tasks.num_valid_users): their held-out loss during training, with the
+  # users and with them zeroed (train.eval_every; methods.heldout_eval_fn).
+  valid = [e for v in data.valid.values() for e in v]
+  ul_valid = distill_lib.attach_teacher(config, encoder, valid) if distill else valid
   budget_note = None
   ul_flops = None
   for name in config.methods:
@@ -113,13 +122,15 @@ def run(config, workdir: str) -> dict:
       preemption.exit_if_requested(f"before method {name}")
       spec = methods_lib.build_method(config, name, encoder=encoder, gemma=gemma,
                                       tokenizer=tokenizer, catalog=catalog)
-      per_step, steps, note = _budget(config, spec, data, tokenizer, vocab_ids, answer_tries,
-                                      ul_flops)
+      train_examples = ul_train if spec.kind == "userllm" else data.train
+      per_step, steps, note = _budget(config, spec, train_examples, tokenizer, vocab_ids,
+                                      answer_tries, ul_flops)
       budget_note = note or budget_note
       t0 = time.time()
-      tm = methods_lib.train_method(config, spec, workdir, data.train, tokenizer,
+      tm = methods_lib.train_method(config, spec, workdir, train_examples, tokenizer,
                                     vocab_ids=vocab_ids, answer_tries=answer_tries,
-                                    steps=steps, mesh=mesh)
+                                    steps=steps, mesh=mesh,
+                                    heldout=ul_valid if spec.kind == "userllm" else valid)
       train_s = time.time() - t0
       tm.train_info.update(step_flops=per_step, train_flops=per_step * tm.train_info["steps"],
                            budget_note=note)
@@ -174,7 +185,7 @@ def run(config, workdir: str) -> dict:
   return results
 
 
-def _budget(config, spec, data, tokenizer, vocab_ids, answer_tries, ul_flops):
+def _budget(config, spec, train_examples, tokenizer, vocab_ids, answer_tries, ul_flops):
   """(FLOPs per training step, steps or None for the section's own, a note for the header).
 
   FLOPs come from ``methods.train_step_flops`` for every method alike (the mean over the
@@ -184,8 +195,8 @@ def _budget(config, spec, data, tokenizer, vocab_ids, answer_tries, ul_flops):
   """
   target_len, _ = examples_lib.target_budgets(config)
   bs = int(spec.train.batch_size)
-  per_step = _mean_step_flops(config, spec, data.train, tokenizer, bs, target_len, vocab_ids,
-                              answer_tries)
+  per_step = _mean_step_flops(config, spec, train_examples, tokenizer, bs, target_len,
+                              vocab_ids, answer_tries)
   if spec.kind != "tp" or str(config.tp.get("budget", "steps")) != "flops":
     return per_step, None, None
   if ul_flops is None:

@@ -10,6 +10,8 @@
   ``item == 0``) and gives one embedding per item.
 * The optional Perceiver compresses the T item embeddings into N latents; without it the
   user tokens are the T item embeddings themselves (masked like the history).
+  ``user_vector_token``: one more token, the encoder's output at the last valid position
+  (its user vector, what it scores the next item with).
 * The projector is a 2-layer MLP (``Dense -> GeLU-tanh -> Dense``) to the LLM width D.
 * ``mode='xattn'``: the user tokens are the ``media`` of Flamingo-style gated cross-attention
   blocks (:class:`~userllm_jax.models.xattn.GatedCrossAttention`, tanh gates starting at 0)
@@ -47,7 +49,7 @@ import numpy as np
 from flax import nnx
 
 from userllm_jax.models.common import param
-from userllm_jax.models.encoder import EncoderConfig, UserEncoder
+from userllm_jax.models.encoder import EncoderConfig, UserEncoder, pool
 from userllm_jax.models.gemma import Gemma3, GemmaConfig
 from userllm_jax.models.lora import LoRAConfig, LoRAParam, apply_lora
 from userllm_jax.models.perceiver import PerceiverConfig, PerceiverResampler
@@ -70,6 +72,10 @@ class UserLLMConfig:
     perceiver_dim: latent width; 0 -> the encoder width.
     perceiver_self_attention: latent self-attention in every Perceiver layer.
     projector_hidden_dim: hidden width of the 2-layer projector; 0 -> the LLM width.
+    user_vector_token: one more user token, after the Perceiver's (or the items'): the
+      encoder's user vector, its output at the last valid position -- the vector it scores
+      the next item with.  The per-item outputs carry no position the bridge could read, so
+      without it the bridge cannot tell the most recent item's output from the others.
     xattn_every: cross-attention after layers i with (i + 1) % xattn_every == 0.
     xattn_layers: explicit layers to put cross-attention after (overrides ``xattn_every``;
       negative = from the end, -1 = after the last layer).  Late layers make training cheap:
@@ -90,6 +96,7 @@ class UserLLMConfig:
   perceiver_dim: int = 0
   perceiver_self_attention: bool = True
   projector_hidden_dim: int = 0
+  user_vector_token: bool = False
   xattn_every: int = 1
   xattn_layers: tuple[int, ...] = ()
   xattn_num_heads: int = 0
@@ -201,8 +208,11 @@ def history_inputs(history_batch: Mapping[str, Any]) -> tuple[dict[str, Any], ja
 
 def user_tokens_from_encoded(perceiver: Optional[PerceiverResampler], projector: Projector,
                              item_emb_BxTxE: jax.Array, valid_BxT: jax.Array, *,
-                             dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
-  """Perceiver (if any) + projector on per-item encoder outputs: ``(user_BxNxD, mask_BxN)``.
+                             dtype=jnp.float32, user_vector: bool = False
+                             ) -> tuple[jax.Array, jax.Array]:
+  """Perceiver (if any) + projector on per-item encoder outputs: ``(user_BxNxD, mask_BxN)``;
+  ``user_vector``: + the output at the last valid position as a last token
+  (``UserLLMConfig.user_vector_token``).
 
   The one implementation behind :meth:`UserLLM.user_tokens_from_encoded`; a function of the
   two modules so that a caller can jit it over their state alone (the serving engine).
@@ -213,6 +223,14 @@ def user_tokens_from_encoded(perceiver: Optional[PerceiverResampler], projector:
     mask_BxN = jnp.broadcast_to(any_B[:, None], tokens_BxNxE.shape[:2])
   else:
     tokens_BxNxE, mask_BxN = item_emb_BxTxE, valid_BxT
+  if user_vector:
+    last_BxE = pool(item_emb_BxTxE, valid_BxT.astype(jnp.int32), "last")
+    if last_BxE.shape[-1] != tokens_BxNxE.shape[-1]:
+      raise ValueError(f"UserLLMConfig.user_vector_token: the encoder width "
+                       f"{last_BxE.shape[-1]} differs from the Perceiver's "
+                       f"{tokens_BxNxE.shape[-1]} (set perceiver_dim=0)")
+    tokens_BxNxE = jnp.concatenate([tokens_BxNxE, last_BxE[:, None].astype(tokens_BxNxE.dtype)], 1)
+    mask_BxN = jnp.concatenate([mask_BxN, jnp.any(valid_BxT, axis=1)[:, None]], 1)
   user_BxNxD = projector(tokens_BxNxE)
   user_BxNxD = jnp.where(mask_BxN[..., None], user_BxNxD, 0.0)
   return user_BxNxD.astype(dtype), mask_BxN
@@ -245,7 +263,8 @@ class UserLLM(nnx.Module):
     """``(user_tokens_BxNxD, mask_BxN)`` at the LLM width D.
 
     N = num_latents with the Perceiver (mask: True iff the user has any valid item),
-    else N = T (mask: the history mask).
+    else N = T (mask: the history mask); + 1 with ``user_vector_token`` (mask: True iff the
+    user has any valid item).
     """
     batch, valid_BxT = history_inputs(history_batch)
     item_emb_BxTxE, _ = self.encoder(batch, deterministic=deterministic, rng=rng)
@@ -256,7 +275,8 @@ class UserLLM(nnx.Module):
     """:meth:`embed_users` after the encoder: ``(user_tokens_BxNxD, mask_BxN)`` from the
     encoder's per-item outputs (serving runs it on cached outputs)."""
     return user_tokens_from_encoded(self.perceiver, self.projector, item_emb_BxTxE, valid_BxT,
-                                    dtype=self.gemma.dtype)
+                                    dtype=self.gemma.dtype,
+                                    user_vector=self.cfg.user_vector_token)
 
   def llm_inputs(self, history_batch: Mapping[str, Any], *, deterministic: bool = True,
                  rng: Optional[jax.Array] = None) -> dict[str, jax.Array]:

@@ -159,8 +159,9 @@ class Engine:
     # user tokens from cached encoder outputs (UserLLM.embed_users without the encoder),
     # jitted over the Perceiver's and the projector's state only
     perceiver = model.perceiver
+    user_vector = bool(model.cfg.user_vector_token)
     self.num_user_tokens = (perceiver.cfg.num_latents if perceiver is not None
-                            else self.capacity)
+                            else self.capacity) + int(user_vector)
     self.llm_dim = model.gemma.cfg.embed_dim
     llm_dtype = model.gemma.dtype
     pg, ps = nnx.split(perceiver) if perceiver is not None else (None, None)
@@ -171,7 +172,7 @@ class Engine:
       ps_, js_ = states
       return userllm_lib.user_tokens_from_encoded(
           nnx.merge(pg, ps_) if pg is not None else None, nnx.merge(jg, js_), h_BxCxD,
-          valid_BxC, dtype=llm_dtype)
+          valid_BxC, dtype=llm_dtype, user_vector=user_vector)
 
     self._user_tokens = jax.jit(_user_tokens)
     self._locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)

@@ -71,21 +71,14 @@ def encoder_topk(config, data: examples_lib.TaskData, catalog: tasks_lib.Catalog
   if not test:
     return {}
   kmax = max(int(k) for k in config.eval.ks)
-  score = jax.jit(enc_lib.score_items)
   cands = []
-  bs = 256
-  for i in range(0, len(test), bs):
-    chunk = [examples_lib.truncate_history(e, history_len) for e in test[i:i + bs]]
-    feats = [tasks_lib.history_features(e) for e in chunk]
-    batch = {k: np.stack([f[k] for f in feats]) for k in tasks_lib.HISTORY_KEYS}
-    scores = np.array(score(encoder, methods_lib.history_batch(batch)), np.float64)
-    for r, e in enumerate(chunk):
-      n = int(e.history["length_B"])
-      scores[r, e.history["item_BxT"][:n]] = -np.inf     # items the user has already seen
-      order = np.argsort(-scores[r], kind="stable")
+  truncated = [examples_lib.truncate_history(e, history_len) for e in test]
+  for scores in encoder_scores(encoder, truncated):
+    for row in scores:
+      order = np.argsort(-row, kind="stable")
       titles = []
       for j in order:
-        if not np.isfinite(scores[r, j]):
+        if not np.isfinite(row[j]):
           break
         if j < len(catalog.item_titles) and catalog.item_titles[j]:
           titles.append(catalog.item_titles[j])
@@ -98,3 +91,18 @@ def encoder_topk(config, data: examples_lib.TaskData, catalog: tasks_lib.Catalog
     out[f"recall@{k}"], out[f"recall@{k}_ci"] = _metric(
         text_metrics.hits_at_k(cands, targets, int(k)), conf)
   return out
+
+
+def encoder_scores(encoder, examples, *, batch_size: int = 256):
+  """The stage-1 encoder's scores of every item id from each example's history, the items of
+  that history set to -inf (the user has seen them): ``float64 [b, num_items]`` per chunk of
+  ``batch_size`` examples, in order."""
+  score = jax.jit(enc_lib.score_items)
+  for i in range(0, len(examples), batch_size):
+    chunk = examples[i:i + batch_size]
+    feats = [tasks_lib.history_features(e) for e in chunk]
+    batch = {k: np.stack([f[k] for f in feats]) for k in tasks_lib.HISTORY_KEYS}
+    scores = np.array(score(encoder, methods_lib.history_batch(batch)), np.float64)
+    for r, e in enumerate(chunk):
+      scores[r, e.history["item_BxT"][:int(e.history["length_B"])]] = -np.inf
+    yield scores

@@ -40,13 +40,24 @@ class TaskData:
   test: dict                   # task -> test examples (one per test user with a target)
   train_users: np.ndarray
   test_users: np.ndarray
+  # task -> validation examples (one per validation user, as the test's), held out of training
+  valid: dict = dataclasses.field(default_factory=dict)
 
 
 def build_task_data(config, prepared, catalog: tasks_lib.Catalog) -> TaskData:
-  """Users split by ``config.seed`` into ``tasks.num_test_users`` test users and the rest."""
+  """Users split by ``config.seed`` into ``tasks.num_test_users`` test users and the rest;
+  ``tasks.num_valid_users`` (default 0) of the rest are validation users, not trained on."""
   tc = config.tasks
   tr_users, te_users = tasks_lib.split_users(prepared.num_users, int(tc.num_test_users),
                                              int(config.seed))
+  n_valid = int(tc.get("num_valid_users", 0))
+  va_users = np.zeros((0,), np.int64)
+  if n_valid > 0:
+    if n_valid >= len(tr_users):
+      raise ValueError(f"config.tasks.num_valid_users={n_valid} leaves no training user "
+                       f"(of {len(tr_users)} non-test users)")
+    perm = np.random.default_rng(int(config.seed) + 3).permutation(tr_users)
+    va_users, tr_users = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
   if int(tc.get("max_train_users", 0)) > 0:
     tr_users = np.random.default_rng(int(config.seed) + 1).permutation(tr_users)[
         :int(tc.max_train_users)]
@@ -62,10 +73,15 @@ def build_task_data(config, prepared, catalog: tasks_lib.Catalog) -> TaskData:
     if not test[task]:
       raise ValueError(f"config.tasks: task {task!r} has no test example among "
                        f"{len(te_users)} test users (min_history={tc.min_history})")
+  valid = {task: tasks_lib.build_examples(prepared, va_users, task, catalog, split="test",
+                                          window=int(tc.window),
+                                          min_history=int(tc.min_history))
+           for task in tc.names} if len(va_users) else {}
   np.random.default_rng(int(config.seed) + 2).shuffle(train)
-  logging.info("tasks: %d training examples from %d users; test: %s", len(train),
-               len(tr_users), {k: len(v) for k, v in test.items()})
-  return TaskData(train, test, tr_users, te_users)
+  logging.info("tasks: %d training examples from %d users; test: %s; validation: %s",
+               len(train), len(tr_users), {k: len(v) for k, v in test.items()},
+               {k: len(v) for k, v in valid.items()})
+  return TaskData(train, test, tr_users, te_users, valid)
 
 
 def truncate_history(ex: tasks_lib.Example, n: int) -> tasks_lib.Example:

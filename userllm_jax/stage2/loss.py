@@ -80,6 +80,14 @@ def loss_vocabulary(config, answers, *, eos_id: int
   return vocab_ids, AnswerTries(answers.tries(), vocab_ids)
 
 
+def distill_weight(config) -> float:
+  """``config.train.distill_weight`` (default 0: off; ``stage2/distill.py``), validated."""
+  w = float(config.train.get("distill_weight", 0.0))
+  if not 0.0 <= w <= 1.0:
+    raise ValueError(f"config.train.distill_weight: expected a weight in [0, 1], got {w}")
+  return w
+
+
 class AnswerTries:
   """Each closed-answer task's trie (task -> :class:`~userllm_jax.eval.trie.TitleTrie`) over
   the answer vocabulary ``vocab_ids``: cuts targets to their deciding tokens and gives the
@@ -100,7 +108,7 @@ class AnswerTries:
     for task in self.tasks:
       self._starts.append(off)
       off += self._tries[task].num_nodes
-    self._local: dict[int, np.ndarray] = {}
+    self._local: dict = {}   # node -> allowed indices; ('paths', task) -> item paths
 
   @property
   def num_tokens(self) -> int:
@@ -147,10 +155,60 @@ class AnswerTries:
       out[idx][self._allowed_local(int(node_BxN[idx]))] = True
     return out
 
+  def _item_paths(self, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(item_ids_I, node_IxD, token_IxD)`` of ``task``'s answers: each answer's item id,
+    the global node before each of its tokens and that token's index into ``vocab_ids``
+    (-1 past its end); cached."""
+    key = ("paths", task)
+    got = self._local.get(key)
+    if got is None:
+      paths = self._tries[task].item_paths()
+      depth = max(len(t) for _, _, t in paths)
+      off = self._starts[self.tasks.index(task)]
+      items = np.asarray([i for i, _, _ in paths], np.int64)
+      node = np.full((len(paths), depth), -1, np.int64)
+      tok = np.full((len(paths), depth), -1, np.int64)
+      for r, (_, nodes, toks) in enumerate(paths):
+        node[r, :len(nodes)] = np.asarray(nodes) + off
+        tok[r, :len(toks)] = np.searchsorted(self.vocab_ids, toks)
+      got = self._local[key] = (items, node, tok)
+    return got
+
+  def soft_targets(self, probs_BxI: np.ndarray, node_BxN: np.ndarray) -> np.ndarray:
+    """``float32 [B, N, K]``: a distribution over answers (``probs_BxI``, indexed by the
+    answers' item ids) as the target of each slot: at slot ``j`` (node ``n``), the mass of the
+    answers below each token ``n`` allows, renormalised over the answers below ``n`` -- what a
+    model whose answer distribution *is* ``probs`` would give there.  Zero where the node is -1
+    or no mass lies below it."""
+    probs_BxI = np.asarray(probs_BxI, np.float64)
+    node_BxN = np.asarray(node_BxN)
+    out = np.zeros(node_BxN.shape + (self.num_tokens,), np.float32)
+    for b, j in zip(*np.nonzero(node_BxN >= 0)):
+      n = int(node_BxN[b, j])
+      task = self.tasks[bisect.bisect_right(self._starts, n) - 1]
+      items, node, tok = self._item_paths(task)
+      if j >= node.shape[1]:
+        continue
+      below = node[:, j] == n
+      if not np.any(below):
+        raise ValueError(f"AnswerTries.soft_targets: slot {j} holds node {n}, which is not at "
+                         f"depth {j} of task {task!r}'s trie")
+      mass = np.bincount(tok[below, j], weights=probs_BxI[b, items[below]],
+                         minlength=self.num_tokens)
+      total = mass.sum()
+      if total > 0:
+        out[b, j] = mass / total
+    return out
+
   def add_allowed(self, batch: dict) -> dict:
-    """``batch`` + ``answer_allowed_BxNxK`` from its ``answer_node_BxN`` (a Grain batch map)."""
+    """``batch`` + ``answer_allowed_BxNxK`` from its ``answer_node_BxN`` (a Grain batch map);
+    a batch with soft targets (``teacher_BxI``) gets ``answer_teacher_BxNxK``
+    (:meth:`soft_targets`) in their place."""
     out = dict(batch)
     out["answer_allowed_BxNxK"] = self.allowed(batch["answer_node_BxN"])
+    if "teacher_BxI" in out:
+      out["answer_teacher_BxNxK"] = self.soft_targets(out.pop("teacher_BxI"),
+                                                      batch["answer_node_BxN"])
     return out
 
 
@@ -163,7 +221,8 @@ def target_positions(prompt_len_B: jax.Array, length: int, max_target_tokens: in
 
 def next_token_loss(forward: Forward, batch: Mapping[str, jax.Array], *,
                     max_target_tokens: int,
-                    vocab_ids: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+                    vocab_ids: Optional[jax.Array] = None,
+                    distill_weight: float = 0.0) -> tuple[jax.Array, dict]:
   """Mean next-token NLL over the target tokens (+EOS) of the batch; metrics too.
 
   With ``vocab_ids`` every loss-masked target must be one of them (an answer token);
@@ -171,6 +230,11 @@ def next_token_loss(forward: Forward, batch: Mapping[str, jax.Array], *,
   same examples with :func:`answer_vocabulary`.  With ``answer_allowed_BxNxK`` in the batch
   (trie-normalised targets, over ``vocab_ids``) each slot's softmax covers only its allowed
   tokens, and ``N`` is that array's.
+
+  Soft targets (``answer_teacher_BxNxK``, :meth:`AnswerTries.soft_targets`) with
+  ``distill_weight`` w > 0: a slot that has one scores ``(1 - w) * NLL + w * CE(teacher,
+  model)``, the cross-entropy of the model's trie-normalised distribution against the
+  teacher's (``stage2/distill.py``); ``nll`` (always) and ``distill_ce`` are reported apart.
   """
   for key in ("tokens_BxL", "targets_BxL", "loss_mask_BxL", "input_mask_BxL", "prompt_len_B"):
     if key not in batch:
@@ -202,9 +266,22 @@ def next_token_loss(forward: Forward, batch: Mapping[str, jax.Array], *,
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll_BxN = -jnp.take_along_axis(logp, targets_BxN[..., None].astype(jnp.int32), axis=-1)[..., 0]
   denom = jnp.maximum(mask_BxN.sum(), 1.0)
-  loss = (nll_BxN * mask_BxN).sum() / denom
+  nll = (nll_BxN * mask_BxN).sum() / denom
+  loss = nll
   acc = ((jnp.argmax(logits, -1) == targets_BxN) * mask_BxN).sum() / denom
-  metrics = {"loss": loss, "token_accuracy": acc, "num_tokens": mask_BxN.sum()}
+  metrics = {"loss": loss, "nll": nll, "token_accuracy": acc, "num_tokens": mask_BxN.sum()}
+  teacher = batch.get("answer_teacher_BxNxK")
+  if teacher is not None and distill_weight > 0:
+    if allowed is None:
+      raise ValueError("next_token_loss: answer_teacher_BxNxK needs answer_allowed_BxNxK")
+    q = jnp.asarray(teacher, jnp.float32)
+    has_BxN = (q.sum(-1) > 0) * mask_BxN
+    ce_BxN = -jnp.sum(q * jnp.where(jnp.asarray(allowed, bool), logp, 0.0), axis=-1)
+    w = float(distill_weight)
+    per_BxN = jnp.where(has_BxN > 0, (1.0 - w) * nll_BxN + w * ce_BxN, nll_BxN)
+    loss = (per_BxN * mask_BxN).sum() / denom
+    metrics.update(loss=loss,
+                   distill_ce=(ce_BxN * has_BxN).sum() / jnp.maximum(has_BxN.sum(), 1.0))
   if vocab_ids is not None:
     metrics["targets_outside_vocab"] = outside
   return loss, metrics

@@ -37,6 +37,7 @@ from userllm_jax.models import lora as lora_lib
 from userllm_jax.models import userllm as ul
 from userllm_jax.stage2 import examples as examples_lib
 from userllm_jax.stage2 import loss as loss_lib
+from userllm_jax.train import mesh as mesh_lib
 
 KINDS = ("userllm", "tp")
 
@@ -188,43 +189,105 @@ class TrainedMethod:
 
 
 def make_loss_fn(spec: MethodSpec, *, max_target_tokens: int,
-                 vocab_ids: Optional[np.ndarray]) -> Callable:
-  """``loss_fn(model, batch, rng)`` for train/loop.py: the one stage-2 loss."""
+                 vocab_ids: Optional[np.ndarray], distill_weight: float = 0.0,
+                 deterministic: bool = False) -> Callable:
+  """``loss_fn(model, batch, rng)`` for train/loop.py: the one stage-2 loss
+  (``distill_weight``: of the soft targets a batch may carry, ``stage2/distill.py``;
+  ``deterministic``: no dropout, for held-out evaluation)."""
   v = None if vocab_ids is None else jnp.asarray(vocab_ids, jnp.int32)
 
   def loss_fn(model, batch, rng):
     return loss_lib.next_token_loss(
-        spec.forward(model, batch, deterministic=False, rng=rng), batch,
-        max_target_tokens=max_target_tokens, vocab_ids=v)
+        spec.forward(model, batch, deterministic=deterministic, rng=rng), batch,
+        max_target_tokens=max_target_tokens, vocab_ids=v, distill_weight=distill_weight)
   return loss_fn
+
+
+def heldout_eval_fn(config, spec: MethodSpec, examples: Sequence, tokenizer, *,
+                    vocab_ids: Optional[np.ndarray],
+                    answer_tries: Optional[loss_lib.AnswerTries], mesh) -> Callable:
+  """``eval_fn(model, step) -> dict`` for train/loop.py: the stage-2 loss on held-out
+  ``examples`` (validation users) per task, and for User-LLM the same with the user tokens
+  zeroed: ``<task>_nll`` (and ``<task>_distill_ce`` where the examples carry soft targets)
+  beside ``<task>_nll_users_zeroed`` (``<task>_distill_ce_users_zeroed``).  A model that
+  uses the user scores lower with its users than without.  Batches of
+  ``config.eval.batch_size`` (a last partial batch is dropped); token-weighted means.
+  """
+  target_len, budgets = examples_lib.target_budgets(config)
+  place = ((lambda x: mesh_lib.host_to_global(x, mesh)) if mesh is not None else jnp.asarray)
+  by_task: dict[str, list] = {}
+  for e in examples:
+    by_task.setdefault(e.task, []).append(e)
+  batches = {}
+  for task, exs in sorted(by_task.items()):
+    ds = tasks_lib.stage2_dataset(
+        exs, [spec.prompt_fn(e) for e in exs], tokenizer,
+        max_prompt_tokens=spec.max_prompt_tokens, max_target_tokens=target_len,
+        task_target_tokens=budgets, truncate_tasks=("review",),
+        batch_size=min(int(config.eval.batch_size), len(exs)), seed=int(config.seed),
+        num_epochs=1, batch_by_task=True,
+        answer_cut=None if answer_tries is None else answer_tries.cut,
+        batch_fn=None if answer_tries is None else answer_tries.add_allowed)
+    batches[task] = [{k: place(v) for k, v in b.items()} for b in ds]
+  variants = {"": spec}
+  if spec.kind == "userllm":
+    variants["_users_zeroed"] = dataclasses.replace(spec, ablate_users=True)
+  fns = {suffix: nnx.jit(lambda model, batch, fn=make_loss_fn(
+      s, max_target_tokens=target_len, vocab_ids=vocab_ids, distill_weight=1.0,
+      deterministic=True):
+      fn(model, batch, None)[1]) for suffix, s in variants.items()}
+
+  def eval_fn(model, step):
+    del step
+    out = {}
+    for task, task_batches in batches.items():
+      for suffix, fn in fns.items():
+        tokens, sums = 0.0, {}
+        for batch in task_batches:
+          m = fn(model, batch)
+          n = float(m["num_tokens"])
+          tokens += n
+          for key in ("nll", "distill_ce"):
+            if key in m:
+              sums[key] = sums.get(key, 0.0) + float(m[key]) * n
+        out.update({f"{task}_{k}{suffix}": v / max(tokens, 1.0) for k, v in sums.items()})
+    return out
+  return eval_fn
 
 
 def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequence,
                  tokenizer, *, vocab_ids: Optional[np.ndarray],
                  answer_tries: Optional[loss_lib.AnswerTries] = None,
                  steps: Optional[int] = None,
-                 mesh: Optional[jax.sharding.Mesh] = None) -> TrainedMethod:
+                 mesh: Optional[jax.sharding.Mesh] = None,
+                 heldout: Optional[Sequence] = None) -> TrainedMethod:
   """Trains (or resumes) ``spec`` in ``workdir/<name>`` for ``spec.train.steps`` (or ``steps``)
   on ``mesh`` (default: one built from ``config.mesh``); ``answer_tries``: trie-normalised
-  targets (:mod:`userllm_jax.stage2.loss`)."""
+  targets (:mod:`userllm_jax.stage2.loss`); ``heldout`` examples with ``train.eval_every > 0``:
+  :func:`heldout_eval_fn` every that many steps (``eval/heldout_*`` in the metrics, the
+  curve in ``train_info['heldout']``)."""
   from userllm_jax.train import loop  # pylint: disable=g-import-not-at-top
   prompts = [spec.prompt_fn(ex) for ex in train_examples]
   train_cfg = ml_collections.ConfigDict(spec.train.to_dict())
   if steps is not None:
     train_cfg.steps = int(steps)
   if mesh is None:
-    from userllm_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
     mesh = mesh_lib.make_mesh(config.get("mesh", None))
   stream = examples_lib.training_stream(config, train_examples, prompts, tokenizer,
                                         max_prompt_tokens=spec.max_prompt_tokens,
                                         batch_size=int(train_cfg.batch_size), mesh=mesh,
                                         answer_tries=answer_tries)
   target_len, _ = examples_lib.target_budgets(config)
+  eval_fn = None
+  if heldout and int(train_cfg.get("eval_every", 0)) > 0:
+    eval_fn = heldout_eval_fn(config, spec, heldout, tokenizer, vocab_ids=vocab_ids,
+                              answer_tries=answer_tries, mesh=mesh)
   t0 = time.time()
   method_dir = paths.join(workdir, spec.name)
-  res = loop.run_training(config, method_dir, build_model=spec.build_model,
+  res = loop.run_training(config, method_dir, build_model=spec.build_model, eval_fn=eval_fn,
                           loss_fn=make_loss_fn(spec, max_target_tokens=target_len,
-                                               vocab_ids=vocab_ids),
+                                               vocab_ids=vocab_ids,
+                                               distill_weight=loss_lib.distill_weight(config)),
                           train_iter=stream, trainable=spec.trainable, train_config=train_cfg,
                           mesh=mesh)
   info_path = paths.join(method_dir, "train_info.json")
@@ -239,11 +302,21 @@ def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequenc
             "batch_size": int(train_cfg.batch_size),
             "first_loss": hist[0][1] if hist else None,
             "final_loss": hist[-1][1] if hist else None,
-            "compiled_step_flops": res.compile_stats.get("cost_flops"), "loss_curve": hist}
+            "compiled_step_flops": res.compile_stats.get("cost_flops"), "loss_curve": hist,
+            "heldout": _heldout_curve(res, eval_fn)}
     if jax.process_index() == 0:
       paths.write_atomic(info_path, json.dumps(info))
   logging.info("%s trained: %s", spec.name, {k: v for k, v in info.items() if k != "loss_curve"})
   return TrainedMethod(spec, res.model, info, mesh=res.mesh)
+
+
+def _heldout_curve(res, eval_fn) -> list:
+  """[(step, held-out metrics)]: the loop's every ``train.eval_every`` steps, and the final
+  step's (evaluated here when the loop's last evaluation came earlier)."""
+  curve = [(s, m) for s, m in res.eval_history]
+  if eval_fn is not None and res.step > res.start_step and (not curve or curve[-1][0] != res.step):
+    curve.append((res.step, {k: float(v) for k, v in eval_fn(res.model, res.step).items()}))
+  return curve
 
 
 def _loss_curve(method_dir: str, res) -> list:
