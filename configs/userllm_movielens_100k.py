@@ -15,6 +15,10 @@ Variants:
   ''      (default) sized for 2 CPU cores (under 20 minutes): 200 test users, histories
           of 5 and 20 events; TP trains on the same training FLOPs as User-LLM
           (``tp.budget='flops'``), which buys it fewer steps (its prompt is ~20x longer).
+  'next_item'  next item alone for 2 CPU cores (~15 minutes): cross-attention after the last
+          layer (strategy 'proj'), the encoder's user vector as one more user token, the
+          stage-1 encoder's distribution distilled on the title trie, 200 validation users
+          for the held-out loss with the users vs zeroed; TP on the same training FLOPs.
   'full'  the paper's comparison for one GPU: all eligible users, window 50, histories
           10 / 25 / 50, the four strategies for both User-LLM modes and TP with LoRA.
   'tiny'  planted synthetic data, a random tiny Gemma with a word tokenizer (tests).
@@ -22,7 +26,7 @@ Variants:
 
 from userllm_jax import config_base as base
 
-VARIANTS = ("", "full", "tiny")
+VARIANTS = ("", "next_item", "full", "tiny")
 
 
 def get_config(arg: str = ""):
@@ -47,6 +51,17 @@ def get_config(arg: str = ""):
     c.train.update(dict(steps=400, batch_size=16, lr=3e-3, warmup_steps=30, log_every=50))
     c.eval.batch_size = 50
     c.llm.dtype = "bfloat16"
+    return c
+  if arg == "next_item":
+    c.methods = ("userllm_xattn_proj", "tp_lora")
+    c.tasks.update(dict(names=("next_item",), window=20, history_lengths=(5, 20),
+                        num_test_users=200, num_valid_users=200, stride=10,
+                        max_examples_per_user=2))
+    c.userllm.update(dict(num_latents=8, perceiver_layers=1, xattn_layers=(-1,),
+                          user_vector_token=True))
+    c.tp.update(dict(budget_tokens=192, budget="flops"))
+    c.train.update(dict(steps=200, batch_size=32, lr=3e-3, warmup_steps=20, log_every=20,
+                        distill_weight=1.0, eval_every=50))
     return c
   # 2 CPU cores, under 20 minutes: the favourite genre with the soft prompt (next-item titles
   # and cross-attention need more stage-2 steps than 20 minutes buy here: README), and TP on

@@ -107,8 +107,8 @@ def run(config, workdir: str) -> dict:
   # train.distill_weight > 0 (stage2/distill.py); TP reads text only.
   distill = loss_lib.distill_weight(config) > 0 and "next_item" in config.tasks.names
   ul_train = distill_lib.attach_teacher(config, encoder, data.train) if distill else data.train
-  # Validation users (tasks.num_valid_users): their held-out loss during training, with the
-  # users and with them zeroed (train.eval_every; methods.heldout_eval_fn).
+  # Validation users (tasks.num_valid_users): User-LLM's held-out loss during training, with
+  # the users and with them zeroed (train.eval_every; methods.heldout_eval_fn).
   valid = [e for v in data.valid.values() for e in v]
   ul_valid = distill_lib.attach_teacher(config, encoder, valid) if distill else valid
   budget_note = None
@@ -130,7 +130,7 @@ def run(config, workdir: str) -> dict:
       tm = methods_lib.train_method(config, spec, workdir, train_examples, tokenizer,
                                     vocab_ids=vocab_ids, answer_tries=answer_tries,
                                     steps=steps, mesh=mesh,
-                                    heldout=ul_valid if spec.kind == "userllm" else valid)
+                                    heldout=ul_valid if spec.kind == "userllm" else None)
       train_s = time.time() - t0
       tm.train_info.update(step_flops=per_step, train_flops=per_step * tm.train_info["steps"],
                            budget_note=note)
