@@ -155,9 +155,10 @@ def userllm_job(encoder: ConfigDict, *, llm: str = "gemma3-270m",
       xattn_layers=(), xattn_num_heads=2, xattn_head_dim=64, xattn_mlp_dim=512))
 
   # steps: 0 = train.steps; budget 'flops': TP trains for as many steps as buy the training
-  # FLOPs of the first User-LLM method (the paper's efficiency argument; says so in the table).
+  # FLOPs of the first User-LLM method (the paper's efficiency argument; says so in the table);
+  # grad_accum: 0 = train.grad_accum, else TP's batch in that many microbatches (memory).
   c.tp = ConfigDict(dict(budget_tokens=512, lora_rank=8, lora_alpha=16.0,
-                         lora_targets=("q", "v"), steps=0, budget="steps"))
+                         lora_targets=("q", "v"), steps=0, budget="steps", grad_accum=0))
 
   c.max_prompt_tokens = 24        # the User-LLM prompt (TP adds its history budget)
   c.max_target_tokens = 40        # longest tokenized title + EOS must fit (else an error)
