@@ -105,7 +105,7 @@ def run(config, workdir: str) -> dict:
       "baselines": baselines, "methods": {}, "sweep": {}}
   # User-LLM methods train on the same examples with the encoder's soft targets when
   # train.distill_weight > 0 (stage2/distill.py); TP reads text only.
-  distill = loss_lib.distill_weight(config) > 0 and "next_item" in config.tasks.names
+  distill = loss_lib.distill_weight(config) > 0 and distill_lib.TASK in config.tasks.names
   ul_train = distill_lib.attach_teacher(config, encoder, data.train) if distill else data.train
   # Validation users (tasks.num_valid_users): User-LLM's held-out loss during training, with
   # the users and with them zeroed (train.eval_every; methods.heldout_eval_fn).
