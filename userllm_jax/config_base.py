@@ -170,8 +170,11 @@ def userllm_job(encoder: ConfigDict, *, llm: str = "gemma3-270m",
   # stage2/loss.py.  distill_weight > 0: next-item answers also learn the stage-1 encoder's
   # distribution over the catalogue (softmax(scores / distill_temperature)) as soft targets on
   # the title trie, with this weight (User-LLM methods only; stage2/distill.py).
+  # trunk_cache: cross-attention with a frozen LLM computes the layers below its first block
+  # once per training sequence (stage2/trunk.py; one process only).
   c.train = train_section(1000, 16, 1e-3, warmup_steps=50, log_every=50, keep=1,
-                          loss_vocab="trie", distill_weight=0.0, distill_temperature=1.0)
+                          loss_vocab="trie", distill_weight=0.0, distill_temperature=1.0,
+                          trunk_cache=False)
   c.eval = ConfigDict(dict(beams=10, ks=(1, 5, 10), batch_size=32, review_beams=1,
                            confidence=0.95))
   c.mesh = mesh_section()

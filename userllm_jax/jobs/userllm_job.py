@@ -43,6 +43,7 @@ from userllm_jax.stage2 import llm as llm_lib
 from userllm_jax.stage2 import loss as loss_lib
 from userllm_jax.stage2 import methods as methods_lib
 from userllm_jax.stage2 import report as report_lib
+from userllm_jax.stage2 import trunk as trunk_lib
 from userllm_jax.train import mesh as mesh_lib
 from userllm_jax.train import preemption
 
@@ -123,16 +124,21 @@ def run(config, workdir: str) -> dict:
       spec = methods_lib.build_method(config, name, encoder=encoder, gemma=gemma,
                                       tokenizer=tokenizer, catalog=catalog)
       train_examples = ul_train if spec.kind == "userllm" else data.train
+      trunk = trunk_lib.for_method(config, spec, gemma)
       per_step, steps, note = _budget(config, spec, train_examples, tokenizer, vocab_ids,
-                                      answer_tries, ul_flops)
+                                      answer_tries, ul_flops, trunk)
       budget_note = note or budget_note
       t0 = time.time()
       tm = methods_lib.train_method(config, spec, workdir, train_examples, tokenizer,
                                     vocab_ids=vocab_ids, answer_tries=answer_tries,
                                     steps=steps, mesh=mesh,
-                                    heldout=ul_valid if spec.kind == "userllm" else None)
+                                    heldout=ul_valid if spec.kind == "userllm" else None,
+                                    trunk=trunk)
       train_s = time.time() - t0
-      tm.train_info.update(step_flops=per_step, train_flops=per_step * tm.train_info["steps"],
+      # The cached trunk's computations are training compute too (stage2/trunk.py).
+      trunk_flops = 0.0 if trunk is None else trunk.flops
+      tm.train_info.update(step_flops=per_step,
+                           train_flops=per_step * tm.train_info["steps"] + trunk_flops,
                            budget_note=note)
       t0 = time.time()
       sweep = [eval_lib.evaluate_method(config, tm, data, tokenizer, answers, h) for h in hl]
@@ -185,18 +191,19 @@ def run(config, workdir: str) -> dict:
   return results
 
 
-def _budget(config, spec, train_examples, tokenizer, vocab_ids, answer_tries, ul_flops):
+def _budget(config, spec, train_examples, tokenizer, vocab_ids, answer_tries, ul_flops,
+            trunk=None):
   """(FLOPs per training step, steps or None for the section's own, a note for the header).
 
   FLOPs come from ``methods.train_step_flops`` for every method alike (the mean over the
   first 16 batches of its stream: one-task batches differ in length); with
   ``tp.budget='flops'`` TP trains for the steps that buy the first User-LLM method's
-  training FLOPs.
+  training FLOPs.  With a ``trunk`` cache the step is the one that starts from it.
   """
   target_len, _ = examples_lib.target_budgets(config)
   bs = int(spec.train.batch_size)
   per_step = _mean_step_flops(config, spec, train_examples, tokenizer, bs, target_len,
-                              vocab_ids, answer_tries)
+                              vocab_ids, answer_tries, trunk)
   if spec.kind != "tp" or str(config.tp.get("budget", "steps")) != "flops":
     return per_step, None, None
   if ul_flops is None:
@@ -211,11 +218,11 @@ def _budget(config, spec, train_examples, tokenizer, vocab_ids, answer_tries, ul
 
 
 def _mean_step_flops(config, spec, train_examples, tokenizer, bs, target_len, vocab_ids,
-                     answer_tries, num_batches: int = 16) -> float:
+                     answer_tries, trunk=None, num_batches: int = 16) -> float:
   prompts = [spec.prompt_fn(e) for e in train_examples]
   stream = examples_lib.training_stream(config, train_examples, prompts, tokenizer,
                                         max_prompt_tokens=spec.max_prompt_tokens,
-                                        batch_size=bs, answer_tries=answer_tries)
+                                        batch_size=bs, answer_tries=answer_tries, trunk=trunk)
   by_shape: dict = {}
   total = 0.0
   nproc = jax.process_count()

@@ -369,7 +369,10 @@ class Gemma3(nnx.Module):
                logits_positions: Optional[jax.Array] = None,
                logits_vocab_ids: Optional[jax.Array] = None,
                return_hidden: bool = False,
-               cache: Optional[Cache] = None):
+               cache: Optional[Cache] = None,
+               stop_after_layer: Optional[int] = None,
+               trunk_BxLxD: Optional[jax.Array] = None,
+               trunk_layer: Optional[int] = None):
     """Forward pass.
 
     Args:
@@ -389,6 +392,13 @@ class Gemma3(nnx.Module):
         logits (use :meth:`logits` on the rows you need).
       cache: a cache from :meth:`init_cache`; the chunk (prefix + tokens) is written at
         ``cache['index']``. Then the result is ``(out, new_cache)``.
+      stop_after_layer: return the hidden state ``[B, L, D]`` after block ``k`` (before its
+        cross-attention, not normed): the *trunk* that ``trunk_BxLxD`` resumes from.
+      trunk_BxLxD / trunk_layer: resume from the hidden state after block ``trunk_layer``
+        (from ``stop_after_layer``): blocks ``0..trunk_layer`` are skipped, its
+        cross-attention and the blocks above run.  Without a prefix or a cache only.  With
+        cross-attention only after late layers and a frozen LLM the trunk depends on the
+        tokens alone, so it can be computed once per sequence (``stage2/trunk.py``).
 
     Returns:
       float32 logits [B, L, V] (or [B, N, V]; V -> K with ``logits_vocab_ids``), or hidden
@@ -401,7 +411,24 @@ class Gemma3(nnx.Module):
     if tokens_BxL.ndim != 2:
       raise ValueError(f"Gemma3: tokens_BxL must be [B, L], got shape {tokens_BxL.shape}")
     B, L = tokens_BxL.shape
-    x = self.embed(tokens_BxL)
+    if trunk_BxLxD is not None:
+      if trunk_layer is None or not 0 <= int(trunk_layer) < cfg.num_layers:
+        raise ValueError(f"Gemma3: trunk_BxLxD needs trunk_layer in [0, {cfg.num_layers}), "
+                         f"got {trunk_layer!r}")
+      if prefix_embeds_BxPxD is not None or cache is not None or stop_after_layer is not None:
+        raise ValueError("Gemma3: trunk_BxLxD cannot be combined with a prefix, a cache or "
+                         "stop_after_layer")
+      if tuple(trunk_BxLxD.shape) != (B, L, cfg.embed_dim):
+        raise ValueError(f"Gemma3: trunk_BxLxD shape {tuple(trunk_BxLxD.shape)}, expected "
+                         f"{(B, L, cfg.embed_dim)}")
+      x = jnp.asarray(trunk_BxLxD).astype(self.dtype)
+    else:
+      x = self.embed(tokens_BxL)
+    if stop_after_layer is not None and not 0 <= int(stop_after_layer) < cfg.num_layers:
+      raise ValueError(f"Gemma3: stop_after_layer must be in [0, {cfg.num_layers}), got "
+                       f"{stop_after_layer!r}")
+    if stop_after_layer is not None and cache is not None:
+      raise ValueError("Gemma3: stop_after_layer cannot be combined with a cache")
     valid = None if input_mask_BxL is None else jnp.asarray(input_mask_BxL).astype(bool)
     if valid is not None and valid.shape != (B, L):
       raise ValueError(f"Gemma3: input_mask_BxL shape {valid.shape}, expected {(B, L)}")
@@ -422,7 +449,10 @@ class Gemma3(nnx.Module):
     elif prefix_mask_BxP is not None:
       raise ValueError("Gemma3: prefix_mask_BxP given without prefix_embeds_BxPxD")
     S = P + L
-    if cfg.cross_attention_layers and media_BxMxD is None:
+    # The trunk up to the first cross-attention block (stop_after_layer) needs no media.
+    needs_media = cfg.cross_attention_layers and (
+        stop_after_layer is None or int(stop_after_layer) > min(cfg.cross_attention_layers))
+    if needs_media and media_BxMxD is None:
       raise ValueError(f"Gemma3: cfg.cross_attention_layers={cfg.cross_attention_layers} "
                        "needs media_BxMxD")
 
@@ -462,6 +492,10 @@ class Gemma3(nnx.Module):
       masks = _position_masks(positions_BxS, positions_BxS, valid_BxS, cfg.sliding_window)
 
     for i, block in enumerate(self.layers):
+      if trunk_BxLxD is not None and i <= int(trunk_layer):
+        if i == int(trunk_layer) and str(i) in self.xattn:
+          x = self.xattn[str(i)](x, media_BxMxD, media_mask_BxM)
+        continue
       kv = None if cache is None else cache["layers"][i]
       if cfg.remat and cache is None:
         x, kv_new = nnx.remat(lambda b, x_, p_, m_: b(x_, p_, m_))(block, x, positions_BxS,
@@ -470,6 +504,8 @@ class Gemma3(nnx.Module):
         x, kv_new = block(x, positions_BxS, masks, kv, index)
       if cache is not None:
         new_cache["layers"].append(kv_new)
+      if stop_after_layer is not None and i == int(stop_after_layer):
+        return x[:, P:]
       if str(i) in self.xattn:
         x = self.xattn[str(i)](x, media_BxMxD, media_mask_BxM)
 

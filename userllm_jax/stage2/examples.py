@@ -103,7 +103,7 @@ def truncate_history(ex: tasks_lib.Example, n: int) -> tasks_lib.Example:
 
 def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequence[str],
                     tokenizer, *, max_prompt_tokens: int, batch_size: int, mesh=None,
-                    answer_tries=None):
+                    answer_tries=None, trunk=None):
   """This process's stream of stage-2 training batches (a Grain dataset iterator).
 
   Every process tokenizes the same examples and shuffles them with the same seed, then
@@ -114,19 +114,27 @@ def training_stream(config, examples: Sequence[tasks_lib.Example], prompts: Sequ
   (default True): one task per batch, padded to that task's longest target
   (``tasks.stage2_dataset``).  ``answer_tries`` (a ``stage2/loss.AnswerTries``):
   trie-normalised targets, cut to their deciding tokens, with their allowed-token masks.
+  ``trunk`` (a ``stage2/trunk.TrunkCache``): each batch also carries the frozen trunk's
+  hidden state (``trunk_BxLxD``).
   """
   target_len, budgets = target_budgets(config)
   nproc = jax.process_count()
   if batch_size % nproc:
     raise ValueError(f"train.batch_size={batch_size} is not divisible by the "
                      f"{nproc} processes")
+  fns = [f for f in (None if answer_tries is None else answer_tries.add_allowed, trunk) if f]
+
+  def batch_fn(b):
+    for f in fns:
+      b = f(b)
+    return b
   ds = tasks_lib.stage2_dataset(examples, prompts, tokenizer, max_prompt_tokens=max_prompt_tokens,
                                 max_target_tokens=target_len, task_target_tokens=budgets,
                                 truncate_tasks=("review",), batch_size=batch_size,
                                 seed=int(config.seed),
                                 batch_by_task=bool(config.train.get("batch_by_task", True)),
                                 answer_cut=None if answer_tries is None else answer_tries.cut,
-                                batch_fn=None if answer_tries is None else answer_tries.add_allowed)
+                                batch_fn=batch_fn if fns else None)
   if nproc > 1:
     index, count = (mesh_lib.process_batch_block(mesh, batch_size) if mesh is not None
                     else (jax.process_index(), nproc))

@@ -79,6 +79,10 @@ class MethodSpec:
   # Ablation: the user tokens are replaced by zeros (masks kept), i.e. the LLM gets no
   # information about the user; shows whether a trained model uses its input.
   ablate_users: bool = False
+  # The last LLM layer below any user input whose output is frozen: cross-attention with a
+  # frozen LLM (strategies 'enc', 'proj'); None otherwise.  A batch may then carry the hidden
+  # state after it (``trunk_BxLxD``, stage2/trunk.py) instead of running those layers.
+  trunk_layer: Optional[int] = None
 
   @property
   def name(self) -> str:
@@ -106,6 +110,11 @@ class MethodSpec:
     """``(tokens, input_mask, logits_positions, vocab_ids) -> logits`` for the loss."""
     kw = self.user_inputs(model, batch, deterministic=deterministic, rng=rng)
     llm = self.llm(model)
+    if "trunk_BxLxD" in batch:
+      if self.trunk_layer is None:
+        raise ValueError(f"method {self.name!r}: a batch with trunk_BxLxD needs a frozen "
+                         "trunk (cross-attention, strategy 'enc' or 'proj')")
+      kw = dict(kw, trunk_BxLxD=batch["trunk_BxLxD"], trunk_layer=self.trunk_layer)
 
     def fwd(tokens, input_mask, logits_positions, vocab_ids):
       extra = {} if vocab_ids is None else {"logits_vocab_ids": vocab_ids}
@@ -151,8 +160,11 @@ def build_method(config, name: str, *, encoder: Optional[enc_lib.UserEncoder],
     if m.strategy == "full":
       # Every LLM weight trains: a bridge-sized learning rate would wreck the pretrained LLM.
       train.lr = float(config.train.get("full_lr", 0.1 * float(config.train.lr)))
+    xlayers = ucfg.cross_attention_layers(gcfg.num_layers)
+    frozen_llm = m.mode == "xattn" and m.strategy in ("enc", "proj")
     return MethodSpec(m, build_model, ul.trainable_filter(ucfg.strategy),
-                      lambda ex: ex.prompt, int(config.max_prompt_tokens), train)
+                      lambda ex: ex.prompt, int(config.max_prompt_tokens), train,
+                      trunk_layer=xlayers[0] if frozen_llm and xlayers else None)
 
   lcfg = lora_lib.LoRAConfig(rank=int(config.tp.lora_rank), alpha=float(config.tp.lora_alpha),
                              targets=tuple(config.tp.lora_targets))
@@ -263,12 +275,13 @@ def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequenc
                  answer_tries: Optional[loss_lib.AnswerTries] = None,
                  steps: Optional[int] = None,
                  mesh: Optional[jax.sharding.Mesh] = None,
-                 heldout: Optional[Sequence] = None) -> TrainedMethod:
+                 heldout: Optional[Sequence] = None, trunk=None) -> TrainedMethod:
   """Trains (or resumes) ``spec`` in ``workdir/<name>`` for ``spec.train.steps`` (or ``steps``)
   on ``mesh`` (default: one built from ``config.mesh``); ``answer_tries``: trie-normalised
   targets (:mod:`userllm_jax.stage2.loss`); ``heldout`` examples with ``train.eval_every > 0``:
   :func:`heldout_eval_fn` every that many steps (``eval/heldout_*`` in the metrics, the
-  curve in ``train_info['heldout']``)."""
+  curve in ``train_info['heldout']``); ``trunk`` (``stage2/trunk.TrunkCache``): the training
+  batches carry the frozen trunk's output (``train_info['trunk']``)."""
   from userllm_jax.train import loop  # pylint: disable=g-import-not-at-top
   prompts = [spec.prompt_fn(ex) for ex in train_examples]
   train_cfg = ml_collections.ConfigDict(spec.train.to_dict())
@@ -279,7 +292,7 @@ def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequenc
   stream = examples_lib.training_stream(config, train_examples, prompts, tokenizer,
                                         max_prompt_tokens=spec.max_prompt_tokens,
                                         batch_size=int(train_cfg.batch_size), mesh=mesh,
-                                        answer_tries=answer_tries)
+                                        answer_tries=answer_tries, trunk=trunk)
   target_len, _ = examples_lib.target_budgets(config)
   eval_fn = None
   if heldout and int(train_cfg.get("eval_every", 0)) > 0:
@@ -306,7 +319,8 @@ def train_method(config, spec: MethodSpec, workdir: str, train_examples: Sequenc
             "first_loss": hist[0][1] if hist else None,
             "final_loss": hist[-1][1] if hist else None,
             "compiled_step_flops": res.compile_stats.get("cost_flops"), "loss_curve": hist,
-            "heldout": _heldout_curve(res, eval_fn)}
+            "heldout": _heldout_curve(res, eval_fn),
+            "trunk": None if trunk is None else trunk.info()}
     if jax.process_index() == 0:
       paths.write_atomic(info_path, json.dumps(info))
   logging.info("%s trained: %s", spec.name, {k: v for k, v in info.items() if k != "loss_curve"})
