@@ -17,7 +17,6 @@ them to the method's training FLOPs, so an equal-compute comparison charges them
 
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import jax
@@ -51,7 +50,6 @@ class TrunkCache:
     self._store: dict[bytes, np.ndarray] = {}
     self._flops_by_shape: dict[tuple, float] = {}
     self.flops = 0.0          # FLOPs of the trunk computations run so far
-    self.seconds = 0.0
     self.batches_computed = 0
 
   @property
@@ -60,8 +58,7 @@ class TrunkCache:
 
   def info(self) -> dict:
     return {"layer": self.layer, "sequences": self.num_sequences,
-            "batches_computed": self.batches_computed, "flops": self.flops,
-            "seconds": self.seconds}
+            "batches_computed": self.batches_computed, "flops": self.flops}
 
   def __call__(self, batch: dict) -> dict:
     for key in ("tokens_BxL", "input_mask_BxL"):
@@ -74,9 +71,7 @@ class TrunkCache:
       raise ValueError("TrunkCache: input_mask_BxL must be right-padded (valid tokens first)")
     keys = [tokens[b, :n].tobytes() for b, n in enumerate(lengths)]
     if any(k not in self._store for k in keys):
-      t0 = time.time()
       hidden = np.asarray(jax.device_get(self._fn(self._state, tokens, mask)))
-      self.seconds += time.time() - t0
       self.flops += self._flops(tokens.shape)
       self.batches_computed += 1
       for b, (k, n) in enumerate(zip(keys, lengths)):
