@@ -97,12 +97,10 @@ def test_cached_step_has_the_full_forwards_loss_and_gradients(tmp_path):
     f = lambda params: loss_fn(nnx.merge(graphdef, params, rest), batch, None)[0]
     return jax.value_and_grad(f)(trainable)
 
-  lengths = set()
   for _ in range(4):
     batch = next(stream)
     assert batch["trunk_BxLxD"].shape == batch["tokens_BxL"].shape + (gemma.cfg.embed_dim,)
     full = {k: v for k, v in batch.items() if k != "trunk_BxLxD"}
-    lengths.add(batch["tokens_BxL"].shape[1])
     (l1, g1), (l0, g0) = loss_and_grads(batch), loss_and_grads(full)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):

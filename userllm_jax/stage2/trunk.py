@@ -75,7 +75,8 @@ class TrunkCache:
       self.flops += self._flops(tokens.shape)
       self.batches_computed += 1
       for b, (k, n) in enumerate(zip(keys, lengths)):
-        self._store.setdefault(k, hidden[b, :n])
+        # A copy: a view would keep the whole computed batch alive.
+        self._store.setdefault(k, hidden[b, :n].copy())
     first = self._store[keys[0]]
     out = np.zeros(tokens.shape + (first.shape[-1],), first.dtype)
     for b, k in enumerate(keys):
