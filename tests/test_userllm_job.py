@@ -88,6 +88,8 @@ def test_job_runs_every_method_on_the_same_users_and_resumes(tmp_path, monkeypat
   cfg.tp.budget = "flops"
   cfg.tasks.num_test_users = 8
   cfg.tasks.history_lengths = (4, 12)
+  cfg.tasks.window_only = ("next_item",)     # next item at the window (12) only
+  cfg.tp.batch_size = 8                      # TP's own batch (train.batch_size is 16)
   cfg.encoder.train.steps = 10
   cfg.eval.batch_size = 8
   # Validation users' held-out loss at the end; User-LLM distils the encoder's next-item
@@ -137,9 +139,16 @@ def test_job_runs_every_method_on_the_same_users_and_resumes(tmp_path, monkeypat
   assert tp["train"]["step_flops"] > methods["userllm_xattn"]["train"]["step_flops"]
   assert tp["train"]["steps"] == max(1, int(ul_flops // tp["train"]["step_flops"]))
   assert "same training compute" in res["table_header"]
+  assert tp["train"]["batch_size"] == 8 and xattn["train"]["batch_size"] == 16
+  # tasks.window_only: next item is evaluated at the window, genre at every length.
+  for name, rows in res["sweep"].items():
+    by_len = {r["history_len"]: r for r in rows}
+    assert set(by_len) == {4, 12}, name
+    assert "genre_accuracy" in by_len[4] and "recall@1" not in by_len[4], (name, by_len[4])
+    assert "recall@1" in by_len[12] and "genre_accuracy" in by_len[12]
   # Baselines and ratios on the same users.
   assert res["baselines"]["majority_genre"]["n"] == res["num_test_examples"]["fav_genre"]
-  assert {r["history_len"] for r in res["baselines"]["encoder_topk"]} == {4, 12}
+  assert {r["history_len"] for r in res["baselines"]["encoder_topk"]} == {12}
   assert {(r["method"], r["history_len"]) for r in res["ratios"]} >= {("userllm_xattn", 12)}
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk["table"] == res["table"]
@@ -150,3 +159,17 @@ def test_job_runs_every_method_on_the_same_users_and_resumes(tmp_path, monkeypat
   res2 = userllm_job.run(cfg, str(tmp_path))
   assert res2["table"] == res["table"]
   assert before == {m: os.path.getmtime(tmp_path / m / "results.json") for m in cfg.methods}
+
+
+def test_tasks_at_history_lengths():
+  """``tasks.window_only``: those tasks at the window only; a name not in the tasks raises."""
+  from userllm_jax.stage2 import examples as examples_lib
+  cfg = tiny_config()
+  assert examples_lib.tasks_at(cfg, 4) == examples_lib.tasks_at(cfg, 12) == (
+      "fav_genre", "next_item")
+  cfg.tasks.window_only = ("next_item",)
+  assert examples_lib.tasks_at(cfg, 4) == ("fav_genre",)
+  assert examples_lib.tasks_at(cfg, 12) == ("fav_genre", "next_item")
+  cfg.tasks.window_only = ("review",)
+  with pytest.raises(ValueError, match="window_only"):
+    examples_lib.tasks_at(cfg, 4)

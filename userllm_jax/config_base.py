@@ -139,10 +139,11 @@ def userllm_job(encoder: ConfigDict, *, llm: str = "gemma3-270m",
   # num_valid_users > 0: that many of the non-test users are held out of training; with
   # train.eval_every > 0 stage 2 logs their loss with the users and with the user tokens
   # zeroed (stage2/methods.heldout_eval_fn: does the model use the user?).
+  # window_only: tasks evaluated at the full window only, not at the shorter history lengths.
   c.tasks = ConfigDict(dict(
       names=("next_item", "fav_genre"), window=50, history_lengths=(10, 25, 50),
       num_test_users=200, num_valid_users=0, min_history=5, stride=5,
-      max_examples_per_user=8, max_train_users=0))
+      max_examples_per_user=8, max_train_users=0, window_only=()))
 
   # llm.name: a weights.load_gemma name or path, or 'tiny' (random, word tokenizer);
   # llm.preset: the models/gemma.py shape preset (abstract builds, FLOPs) when the name is a path.
@@ -156,9 +157,11 @@ def userllm_job(encoder: ConfigDict, *, llm: str = "gemma3-270m",
 
   # steps: 0 = train.steps; budget 'flops': TP trains for as many steps as buy the training
   # FLOPs of the first User-LLM method (the paper's efficiency argument; says so in the table);
-  # grad_accum: 0 = train.grad_accum, else TP's batch in that many microbatches (memory).
+  # grad_accum: 0 = train.grad_accum, else TP's batch in that many microbatches (memory);
+  # batch_size: 0 = train.batch_size.
   c.tp = ConfigDict(dict(budget_tokens=512, lora_rank=8, lora_alpha=16.0,
-                         lora_targets=("q", "v"), steps=0, budget="steps", grad_accum=0))
+                         lora_targets=("q", "v"), steps=0, budget="steps", grad_accum=0,
+                         batch_size=0))
 
   c.max_prompt_tokens = 24        # the User-LLM prompt (TP adds its history budget)
   c.max_target_tokens = 40        # longest tokenized title + EOS must fit (else an error)

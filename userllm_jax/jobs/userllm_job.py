@@ -94,7 +94,7 @@ def run(config, workdir: str) -> dict:
       "popularity": baselines_lib.popularity(config, data, catalog,
                                              encoder_job.train_item_counts(prepared)),
       "encoder_topk": [baselines_lib.encoder_topk(config, data, catalog, encoder, h)
-                       for h in hl] if "next_item" in config.tasks.names else [],
+                       for h in hl if "next_item" in examples_lib.tasks_at(config, h)],
   }
   timings["baselines_s"] = time.time() - t0
 

@@ -1,6 +1,6 @@
 """Stage-2 evaluation: decode on the test users, score, time.
 
-Per task (``config.tasks.names``):
+Per task (``config.tasks.names``; those in ``tasks.window_only`` at the window only):
 
 * ``next_item``: trie-constrained beam search over the catalogue titles
   (``eval.beams`` beams; logits only over the trie's tokens, renormalised over what the
@@ -208,7 +208,7 @@ def evaluate_method(config, tm: methods_lib.TrainedMethod, data: examples_lib.Ta
   _, budgets = examples_lib.target_budgets(config)
   out: dict[str, Any] = {"history_len": history_len}
   prompt_tokens, gflops = [], []
-  for task in config.tasks.names:
+  for task in examples_lib.tasks_at(config, history_len):
     if task not in tasks_lib.TASKS:
       raise ValueError(f"config.tasks.names: unknown task {task!r}; known: {tasks_lib.TASKS}")
     examples = [examples_lib.truncate_history(e, history_len) for e in data.test[task]]

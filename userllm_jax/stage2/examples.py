@@ -33,6 +33,19 @@ def target_budgets(config) -> tuple[int, dict[str, int]]:
   return max(budgets.values(), default=max_target), budgets
 
 
+def tasks_at(config, history_len: int) -> tuple[str, ...]:
+  """The tasks evaluated at ``history_len``: all of ``config.tasks.names`` at the window,
+  without those in ``tasks.window_only`` (default none) at shorter histories."""
+  names = tuple(str(t) for t in config.tasks.names)
+  only = tuple(str(t) for t in config.tasks.get("window_only", ()))
+  unknown = [t for t in only if t not in names]
+  if unknown:
+    raise ValueError(f"config.tasks.window_only: {unknown} not in config.tasks.names {names}")
+  if int(history_len) == int(config.tasks.window):
+    return names
+  return tuple(t for t in names if t not in only)
+
+
 @dataclasses.dataclass
 class TaskData:
   """The stage-2 examples of a job: every method trains and is tested on these."""

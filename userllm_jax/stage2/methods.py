@@ -179,6 +179,8 @@ def build_method(config, name: str, *, encoder: Optional[enc_lib.UserEncoder],
   train = ml_collections.ConfigDict(config.train.to_dict())
   if int(config.tp.get("steps", 0)) > 0:
     train.steps = int(config.tp.steps)
+  if int(config.tp.get("batch_size", 0)) > 0:
+    train.batch_size = int(config.tp.batch_size)
   if int(config.tp.get("grad_accum", 0)) > 0:
     # The same global batch in microbatches: TP's long prompts need more activation memory.
     train.grad_accum = int(config.tp.grad_accum)
