@@ -4,29 +4,31 @@
     python -m userllm_jax.main --config=configs/userllm_movielens_100k.py:full --workdir=DIR
     python -m userllm_jax.main --config=configs/userllm_movielens_100k.py:tiny --workdir=DIR
 
-Stage 1 (the user encoder of configs/encoder_movielens_100k.py, as is), stage 2 (User-LLM
-with gated cross-attention and with a soft prompt; strategy 'enc': encoder + bridge
-train, Gemma frozen) and the text-prompt baseline (Gemma + LoRA reading the history as
-text) on the same tasks (next item, favourite genre), prompts and test users, beside
-simple baselines on the same users (majority genre, popularity, the stage-1 encoder's own
-top-K).
+Stage 1 (the user encoder of configs/encoder_movielens_100k.py, as is), stage 2 (User-LLM:
+the encoder's outputs reach Gemma through gated cross-attention or as a soft prompt) and the
+text-prompt baseline (Gemma + LoRA reading the history as text) on the same tasks (next
+item, favourite genre), prompts and test users, beside simple baselines on the same users
+(majority genre, popularity, the stage-1 encoder's own top-K).
 
 Variants:
-  ''      (default) sized for 2 CPU cores (under 20 minutes): 200 test users, histories
-          of 5 and 20 events; TP trains on the same training FLOPs as User-LLM
-          (``tp.budget='flops'``), which buys it fewer steps (its prompt is ~20x longer).
-  'next_item'  next item alone for 2 CPU cores, history 20: cross-attention after the last
-          layer (strategy 'proj'), the encoder's user vector as one more user token, the
-          stage-1 encoder's distribution distilled on the title trie, 200 validation users
-          for the held-out loss with the users vs zeroed; TP on the same training FLOPs.
-  'full'  the paper's comparison for one GPU: all eligible users, window 50, histories
-          10 / 25 / 50, the four strategies for both User-LLM modes and TP with LoRA.
+  ''      (default) sized for 2 CPU cores (under 20 minutes): 200 test users, favourite
+          genre at histories of 5 and 20 events, next item at 20; cross-attention after
+          Gemma's last layer (strategy 'proj'), the encoder's user vector as one more user
+          token, the stage-1 encoder's distribution distilled on the title trie; TP trains
+          on the same training FLOPs as User-LLM (``tp.budget='flops'``), which buys it
+          fewer steps (its prompt is ~20x longer).
+  'genre' the favourite genre alone with the soft prompt (strategy 'enc'), TP on the same
+          training FLOPs (the main job until 2026-12-05).
+  'next_item'  next item alone, history 20, the default's User-LLM for 200 steps with 200
+          validation users for the held-out loss with the users vs zeroed.
+  'full'  the paper's comparison for one GPU: all eligible users, window 200, histories
+          10-200, the four strategies for both User-LLM modes and TP with LoRA.
   'tiny'  planted synthetic data, a random tiny Gemma with a word tokenizer (tests).
 """
 
 from userllm_jax import config_base as base
 
-VARIANTS = ("", "next_item", "full", "tiny")
+VARIANTS = ("", "genre", "next_item", "full", "tiny")
 
 
 def get_config(arg: str = ""):
@@ -52,27 +54,36 @@ def get_config(arg: str = ""):
     c.eval.batch_size = 50
     c.llm.dtype = "bfloat16"
     return c
-  if arg == "next_item":
-    c.methods = ("userllm_xattn_proj", "tp_lora")
-    c.tasks.update(dict(names=("next_item",), window=20, history_lengths=(20,),
-                        num_test_users=200, num_valid_users=200, stride=10,
-                        max_examples_per_user=2))
-    c.userllm.update(dict(num_latents=8, perceiver_layers=1, xattn_layers=(-1,),
-                          user_vector_token=True))
-    # TP's batch of 32 prompts of ~200 tokens in microbatches of 8 (a whole batch took 24 GB).
-    c.tp.update(dict(budget_tokens=192, budget="flops", grad_accum=4))
-    c.train.update(dict(steps=200, batch_size=32, lr=3e-3, warmup_steps=20, log_every=20,
-                        distill_weight=1.0, eval_every=50))
+  if arg == "genre":
+    # The favourite genre alone with the soft prompt (the main job until 2026-12-05; README).
+    c.methods = ("userllm_soft_prompt", "tp_lora")
+    c.tasks.update(dict(names=("fav_genre",), window=20, history_lengths=(5, 20),
+                        num_test_users=200, stride=10, max_examples_per_user=2))
+    c.userllm.update(dict(num_latents=8, perceiver_layers=1))
+    c.tp.update(dict(budget_tokens=192, budget="flops"))
+    c.train.update(dict(steps=300, batch_size=8, lr=3e-3, warmup_steps=20, log_every=20))
     return c
-  # 2 CPU cores, under 20 minutes: the favourite genre with the soft prompt (next-item titles
-  # and cross-attention need more stage-2 steps than 20 minutes buy here: README), and TP on
-  # the same training FLOPs as User-LLM.
-  c.methods = ("userllm_soft_prompt", "tp_lora")
-  c.tasks.update(dict(names=("fav_genre",), window=20, history_lengths=(5, 20),
-                      num_test_users=200, stride=10, max_examples_per_user=2))
-  c.userllm.update(dict(num_latents=8, perceiver_layers=1))
-  c.tp.update(dict(budget_tokens=192, budget="flops"))
-  c.train.update(dict(steps=300, batch_size=8, lr=3e-3, warmup_steps=20, log_every=20))
+  # 2 CPU cores, under 20 minutes: both tasks with cross-attention after Gemma's last layer
+  # (strategy 'proj': the bridge trains, encoder and Gemma frozen; the frozen layers below it
+  # computed once per distinct training sequence), the encoder's user vector as one more user
+  # token, the stage-1 encoder's distribution distilled on the title trie; next item at the
+  # window only (its beam search dominates evaluation); TP on the same training FLOPs in
+  # batches of 8 (its prompts are ~20x longer).
+  c.methods = ("userllm_xattn_proj", "tp_lora")
+  c.tasks.update(dict(names=("fav_genre", "next_item"), window=20, history_lengths=(5, 20),
+                      window_only=("next_item",), num_test_users=200, stride=10,
+                      max_examples_per_user=2))
+  c.userllm.update(dict(num_latents=8, perceiver_layers=1, xattn_layers=(-1,),
+                        user_vector_token=True))
+  c.tp.update(dict(budget_tokens=192, budget="flops", batch_size=8))
+  c.train.update(dict(steps=900, batch_size=32, lr=3e-3, warmup_steps=20, log_every=100,
+                      distill_weight=1.0, trunk_cache=True))
+  if arg == "next_item":
+    # Next item alone, with 200 validation users for the held-out loss (users vs zeroed).
+    c.tasks.update(dict(names=("next_item",), history_lengths=(20,), window_only=(),
+                        num_valid_users=200))
+    c.tp.update(dict(batch_size=0, grad_accum=4))   # batch 32 in microbatches of 8
+    c.train.update(dict(steps=200, log_every=20, eval_every=50, trunk_cache=False))
   return c
 
 

@@ -63,7 +63,9 @@ def test_config_variant_loads_and_builds_on_abstract_shapes(path, variant):
   from userllm_jax.models import userllm as ul
   from userllm_jax.stage2 import methods as methods_lib
   from userllm_jax.jobs import userllm_job
-  userllm_job.history_lengths(cfg)          # validates the windows against the encoder
+  from userllm_jax.stage2 import examples as examples_lib
+  for h in userllm_job.history_lengths(cfg):   # validates the windows against the encoder
+    assert examples_lib.tasks_at(cfg, h)       # and tasks.window_only against tasks.names
   gcfg = (gemma_lib.tiny(vocab_size=64, **cfg.llm.tiny.to_dict()) if cfg.llm.name == "tiny"
           else gemma_lib.get_config(cfg.llm.preset))
   for name in cfg.methods:
