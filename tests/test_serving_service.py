@@ -260,3 +260,18 @@ def test_state_from_another_encoder_is_recomputed(tmp_path):
   np.testing.assert_allclose(st.cache["h"], want, atol=1e-6)
   assert not np.allclose(st.cache["h"], old.cache["h"], atol=1e-3)   # the old one was not used
   assert e2.store.get("a").fingerprint == e2.fingerprint
+
+
+def test_served_method_defaults_to_the_configs_first_user_llm_method():
+  """No --method: the config's first User-LLM method (what its job trained); bad ones raise."""
+  import ml_collections
+  from userllm_jax.serving import loading
+  cfg = ml_collections.ConfigDict(dict(methods=("tp_lora", "userllm_xattn_proj",
+                                                "userllm_soft_prompt")))
+  assert loading.served_method(cfg) == "userllm_xattn_proj"
+  assert loading.served_method(cfg, "userllm_soft_prompt") == "userllm_soft_prompt"
+  with pytest.raises(ValueError, match="User-LLM method"):
+    loading.served_method(cfg, "tp_lora")
+  cfg.methods = ("tp_lora",)
+  with pytest.raises(ValueError, match="no User-LLM method"):
+    loading.served_method(cfg)

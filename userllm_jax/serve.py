@@ -18,8 +18,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A User-LLM config file.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The main job's workdir.")
-_METHOD = flags.DEFINE_string("method", "userllm_xattn",
-                              "userllm_xattn | userllm_soft_prompt (the stage-2 method served)")
+_METHOD = flags.DEFINE_string("method", None,
+                              "The stage-2 method served (userllm_xattn_proj, userllm_soft_prompt, "
+                              "...); default: the config's first User-LLM method")
 _DEMO = flags.DEFINE_enum("demo", None, ["tiny"], "Serve a tiny random model (no checkpoint).")
 _SEED = flags.DEFINE_integer("seed", 0, "--demo=tiny: parameter seed.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Listen address.")

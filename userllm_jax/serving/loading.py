@@ -87,17 +87,29 @@ def _write_pure(module: nnx.Module, flt, restored: dict, where: str) -> None:
   nnx.update(module, target)
 
 
-def load_parts(config, workdir: str, method: str = "userllm_xattn"):
-  """``(UserLLM, tokenizer, catalog, tp_llm or None)`` of a trained main-job ``workdir``."""
+def served_method(config, method: Optional[str] = None) -> str:
+  """``method``, or (None) the first User-LLM method of ``config.methods``: what the job trained."""
+  if method is None:
+    method = next((str(m) for m in config.methods if str(m).startswith("userllm_")), None)
+    if method is None:
+      raise ValueError(f"config.methods {tuple(config.methods)} has no User-LLM method to serve; "
+                       "pass one (e.g. --method=userllm_xattn)")
+  if not method.startswith("userllm_"):
+    raise ValueError(f"load_parts: method must be a User-LLM method (userllm_xattn, "
+                     f"userllm_soft_prompt_enc, ...), got {method!r}")
+  return method
+
+
+def load_parts(config, workdir: str, method: Optional[str] = None):
+  """``(UserLLM, tokenizer, catalog, tp_llm or None)`` of a trained main-job ``workdir``;
+  ``method`` None: the first User-LLM method of ``config.methods``."""
   from userllm_jax.data import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from userllm_jax.jobs import encoder_job  # pylint: disable=g-import-not-at-top
   from userllm_jax.models import userllm as ul  # pylint: disable=g-import-not-at-top
   from userllm_jax.stage2 import llm as llm_lib  # pylint: disable=g-import-not-at-top
   from userllm_jax.stage2 import methods as methods_lib  # pylint: disable=g-import-not-at-top
 
-  if not method.startswith("userllm_"):
-    raise ValueError(f"load_parts: method must be userllm_xattn | userllm_soft_prompt, got "
-                     f"{method!r}")
+  method = served_method(config, method)
   workdir = os.path.abspath(workdir)
   prepared = encoder_job.prepare(config.encoder.data)
   catalog = tasks_lib.Catalog.from_dataset(prepared, domain=config.encoder.data.domain)
@@ -126,7 +138,7 @@ def load_parts(config, workdir: str, method: str = "userllm_xattn"):
   return model, tok, catalog, tp_llm
 
 
-def load_engine(config, workdir: str, method: str = "userllm_xattn", *, store=None,
+def load_engine(config, workdir: str, method: Optional[str] = None, *, store=None,
                 engine_config=None):
   """An :class:`~userllm_jax.serving.engine.Engine` of a trained workdir (see the module doc);
   the store defaults to ``WORKDIR/serving/users.sqlite``."""
